@@ -1,0 +1,195 @@
+"""SIMPLER (SimplerEnv + ManiSkill2_real2sim, SAPIEN 2.2.2) behind the `Backend` protocol.
+
+Builds each episode's environment as SimplerEnv's `main_inference.py` does for the rt1_*.sh
+scripts: `build_maniskill2_env(env_id, obs_mode="rgbd", robot="google_robot_static", control_mode=...,
+scene_name=..., rgb_overlay_path=..., urdf_version=..., ...)`, resets with the spec's
+`robot_init_options` / `obj_init_options`, reads the policy image with SimplerEnv's
+`get_image_from_maniskill2_obs_dict` and the instruction with `get_language_instruction()`.
+`simpler_env` is imported only when an environment is built, so this module imports without it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from envs.backend import EpisodeSpec, Observation, StepResult
+
+INSTALL_HELP = """SimplerEnv is not importable in this Python ({err}).
+It is not on the package index; install it in its OWN environment (it pins numpy<2 and sapien 2.2.2,
+Python <= 3.11):
+    git clone https://github.com/simpler-env/SimplerEnv --recurse-submodules
+    cd SimplerEnv && pip install "numpy<2" && pip install -e ./ManiSkill2_real2sim && pip install -e .
+    pip install hydra-core tqdm imageio imageio-ffmpeg pillow msgpack websockets   # evaluator + client deps
+then start this toolkit's policy server (policies/server.py) with your checkpoint from the toolkit's own
+environment, and run the evaluator from SimplerEnv's environment against it:
+    python scripts/eval_simpler.py --task move_near --policy-server localhost:8000
+No GPU? SAPIEN renders on the CPU with a software Vulkan driver (Mesa lavapipe):
+    export VK_ICD_FILENAMES=/path/to/lvp_icd.x86_64.json   (see shared/tools/sapien-cpu-render/setup.sh)
+and use the raster shader for the drawer tasks (they ray-trace by default, minutes per step on a CPU):
+    python scripts/eval_simpler.py --task open_drawer cpu_render=true
+which passes render_config=dict(camera_shader_dir="ibl", viewer_shader_dir="ibl") to the env."""
+
+RENDER_HELP = ("SAPIEN could not render ({err}). Check the Vulkan setup: VK_ICD_FILENAMES must point at a working "
+               "ICD json (an NVIDIA driver's nvidia_icd.json on a GPU machine, or Mesa lavapipe's lvp_icd.*.json "
+               "for CPU rendering), the ICD's library must load (`vulkaninfo --summary`), and on CPU the drawer "
+               "tasks need cpu_render=true (raster 'ibl' shader instead of ray tracing).")
+
+
+def import_simpler():
+    """Import SimplerEnv's env builder and observation helper, or exit with install instructions."""
+    try:
+        import simpler_env  # noqa: F401
+        from simpler_env.utils.env.env_builder import build_maniskill2_env
+        from simpler_env.utils.env.observation_utils import get_image_from_maniskill2_obs_dict
+    except ImportError as e:
+        raise SimplerUnavailable(INSTALL_HELP.format(err=e)) from e
+    return build_maniskill2_env, get_image_from_maniskill2_obs_dict
+
+
+class SimplerUnavailable(RuntimeError):
+    """SimplerEnv is not installed in this interpreter (message says how to install it)."""
+
+
+def simpler_root() -> Path:
+    """The SimplerEnv repository root (the parent of the `simpler_env` package), where overlays live."""
+    import simpler_env
+
+    env_root = os.environ.get("SIMPLER_ENV_ROOT")
+    return Path(env_root) if env_root else Path(simpler_env.__file__).resolve().parent.parent
+
+
+def _as_arrays(opts: Any) -> Any:
+    """JSON-friendly reset options -> the numpy arrays SimplerEnv passes (init_xy, init_rot_quat)."""
+    if isinstance(opts, dict):
+        return {k: _as_arrays(v) for k, v in opts.items()}
+    if isinstance(opts, list) and all(isinstance(v, (int, float)) for v in opts):
+        return np.asarray(opts, dtype=np.float64)
+    return opts
+
+
+class SimplerSession:
+    """One SimplerEnv environment serving episodes of one spec (see `EnvSession`)."""
+
+    def __init__(self, env, spec: EpisodeSpec, get_image):
+        self.env, self.spec, self._get_image = env, spec, get_image
+
+    @property
+    def _raw(self):
+        return self.env.unwrapped
+
+    def reset(self) -> Observation:
+        opts = _as_arrays(self.spec.reset_options)
+        obs, _ = self.env.reset(seed=self.spec.seed, options=opts) if self.spec.seed is not None \
+            else self.env.reset(options=opts)
+        return Observation(self._image(obs), self._raw.get_language_instruction())
+
+    def _image(self, obs) -> np.ndarray:
+        img = np.asarray(self._get_image(self._raw, obs))  # (512, 640, 3) uint8 overhead camera
+        return img[..., :3].astype(np.uint8, copy=False)
+
+    def step(self, action: dict[str, np.ndarray]) -> StepResult:
+        vec = np.concatenate([np.asarray(action[k], dtype=np.float64).reshape(-1)
+                              for k in ("world_vector", "rot_axangle", "gripper")])  # (7,)
+        obs, _reward, done, truncated, info = self.env.step(vec)
+        # SimplerEnv's evaluator reads success as the env's `done` (= info["success"]) at the last step.
+        success = bool(done) or bool(info.get("success", False))
+        return StepResult(self._image(obs), bool(done), bool(truncated), success, _jsonable(info),
+                          instruction=self._raw.get_language_instruction())
+
+    def advance_subtask(self) -> str:
+        self._raw.advance_to_next_subtask()
+        return self._raw.get_language_instruction()
+
+    @property
+    def is_final_subtask(self) -> bool:
+        return bool(self._raw.is_final_subtask())
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _jsonable(info: dict) -> dict:
+    """Keep scalar/bool/str info entries (episode_stats included) so records stay JSON-serialisable."""
+    out = {}
+    for k, v in info.items():
+        if isinstance(v, dict):
+            out[k] = _jsonable(v)
+        elif isinstance(v, (bool, int, float, str, np.bool_, np.integer, np.floating)):
+            out[k] = v.item() if isinstance(v, np.generic) else v
+    return out
+
+
+class SimplerBackend:
+    """Builds SimplerEnv environments for SIMPLER episode specs.
+
+    reuse_env: keep one env per (env_id, make kwargs) and reset it per episode (SimplerEnv builds a new
+        one per episode; reset with the episode's options re-places robot and objects, and saves the
+        7-9 s build on CPU). False builds a fresh env for every episode, exactly as the scripts do.
+    cpu_render: raster "ibl" shader instead of ray tracing (drawer tasks), for software Vulkan.
+    """
+
+    name = "simpler"
+
+    def __init__(self, reuse_env: bool = True, cpu_render: bool = False):
+        self.reuse_env, self.cpu_render = reuse_env, cpu_render
+        self._cache: dict[str, Any] = {}
+
+    def check(self) -> None:
+        """Fail early (before workers start) when SimplerEnv is not importable."""
+        import_simpler()
+
+    def episodes(self, task: str, protocol: str) -> list[EpisodeSpec]:
+        from envs.tasks import simpler_episodes
+
+        return simpler_episodes(task, protocol)
+
+    def make_kwargs(self, spec: EpisodeSpec) -> dict[str, Any]:
+        """The env build kwargs of `spec` with the overlay path resolved and render settings applied."""
+        kw = dict(spec.make_kwargs)
+        if kw.get("rgb_overlay_path"):
+            path = Path(kw["rgb_overlay_path"])
+            if not path.is_absolute():
+                path = simpler_root() / path
+            if not path.is_file():
+                raise FileNotFoundError(f"overlay image {path} not found; SimplerEnv must be installed from its "
+                                        "repository with the ManiSkill2_real2sim submodule (or set SIMPLER_ENV_ROOT "
+                                        "to that repository)")
+            kw["rgb_overlay_path"] = str(path)
+        if self.cpu_render:
+            kw["render_config"] = dict(camera_shader_dir="ibl", viewer_shader_dir="ibl")
+        return kw
+
+    def make(self, spec: EpisodeSpec, **options: Any) -> SimplerSession:
+        """Build (or reuse) the env of `spec`; options `cpu_render` / `reuse_env` override the constructor's."""
+        unknown = set(options) - {"cpu_render", "reuse_env"}
+        if unknown:
+            raise ValueError(f"unknown SIMPLER backend options {sorted(unknown)}; known: cpu_render, reuse_env")
+        self.cpu_render = bool(options.get("cpu_render", self.cpu_render))
+        self.reuse_env = bool(options.get("reuse_env", self.reuse_env))
+        build_env, get_image = import_simpler()
+        kw = self.make_kwargs(spec)
+        key = repr((spec.env_id, sorted(kw.items(), key=lambda kv: kv[0])))
+        env = self._cache.get(key) if self.reuse_env else None
+        if env is None:
+            for k in list(self._cache):  # one live env per process: SAPIEN 2 holds one renderer
+                self._cache.pop(k).close()
+            try:
+                env = build_env(spec.env_id, **kw)
+            except RuntimeError as e:
+                if "vulkan" in str(e).lower() or "render" in str(e).lower() or "device" in str(e).lower():
+                    raise RuntimeError(RENDER_HELP.format(err=e)) from e
+                raise
+            if self.reuse_env:
+                self._cache[key] = env
+        session = SimplerSession(env, spec, get_image)
+        if self.reuse_env:  # the evaluator's close() must not destroy the cached env
+            session.close = lambda: None  # type: ignore[method-assign]
+        return session
+
+    def close(self) -> None:
+        for k in list(self._cache):
+            self._cache.pop(k).close()
