@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # torch first, pinned, so nothing else pulls a multi-GB CUDA build on CPU machines.
 TORCH  ?= torch==2.13.0
-EXTRAS ?= rt1,maniskill,diffusers,dev
+EXTRAS ?= rt1,maniskill,diffusers,text,dev
 
 .PHONY: demo test install render lint bench clean
 

@@ -1,0 +1,23 @@
+"""Multi-modal Self-Flow pretraining. `python scripts/pretrain.py [key=value ...]` (configs/pretrain.yaml)."""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from worldmodel.pretrain import run_pretraining  # noqa: E402
+
+
+@hydra.main(config_path="../configs", config_name="pretrain", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    result = run_pretraining(cfg, HydraConfig.get().runtime.output_dir)
+    logging.getLogger("pretrain").info("done: %s", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Building the pieces of a run from a Hydra config (shared by pretraining and fine-tuning).
+
+Every builder takes the config node of one group and returns a plain object; scripts stay thin.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from worldmodel.checkpoint import load_checkpoint
+from worldmodel.codecs import build_audio_codec, build_frame_codec
+from worldmodel.selfflow import SelfFlowConfig, SelfFlowObjective
+from worldmodel.sizes import build_model, build_model_from_config
+from worldmodel.text import build_text_encoder
+from worldmodel.timesteps import TimestepDistribution
+from worldmodel.trainer import TrainerConfig
+
+PRETRAIN_KIND = "worldmodel.pretrain"
+FINETUNE_KIND = "worldmodel.finetune_rt1"
+
+
+def plain(node) -> dict:
+    """An OmegaConf node (or dict) as a plain, JSON-serialisable dict."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+
+
+def resolve_device(name: str) -> str:
+    """"auto" -> "cuda" when available else "cpu"; "cuda" without a GPU is an error with the fix."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but torch sees no CUDA GPU; use device=cpu or device=auto")
+    return name
+
+
+def build_backbone(model_cfg, token_dim: dict[str, int], text_dim: int):
+    """The WorldModel named by ``model.size`` with its overrides, sized for the codecs and text encoder."""
+    overrides = dict(plain(model_cfg.get("overrides") or {}))
+    overrides["token_dim"] = {**overrides.get("token_dim", {}), **token_dim}
+    overrides.setdefault("text_dim", text_dim)
+    return build_model(str(model_cfg.size), **overrides)
+
+
+def selfflow_config(objective_cfg, ema_decay: float, ema_warmup: bool) -> SelfFlowConfig:
+    """SelfFlowConfig from configs/objective/*.yaml; ``flow_matching`` is the plain-FM switch."""
+    cfg = plain(objective_cfg)
+    name = cfg.pop("name", "selfflow")
+    if name not in ("selfflow", "flow_matching"):
+        raise ValueError(f"unknown objective {name!r}; use objective=selfflow or objective=flow_matching")
+    timesteps = TimestepDistribution(**cfg.pop("timesteps", {}))
+    common = dict(timesteps=timesteps, ema_decay=ema_decay, ema_warmup=ema_warmup,
+                  student_block=cfg.pop("student_block", None), teacher_block=cfg.pop("teacher_block", None))
+    if name == "flow_matching":
+        return SelfFlowConfig.plain_flow_matching(**common)
+    return SelfFlowConfig(mask_ratio=cfg.pop("mask_ratio"), gamma=float(cfg.pop("gamma")), **common)
+
+
+def build_objective(objective_cfg, model, trainer_cfg: TrainerConfig) -> SelfFlowObjective:
+    return SelfFlowObjective.for_model(model, selfflow_config(objective_cfg, trainer_cfg.ema_decay,
+                                                              trainer_cfg.ema_warmup))
+
+
+def build_text(text_cfg):
+    return build_text_encoder(str(text_cfg.encoder), dim=int(text_cfg.dim), max_len=int(text_cfg.max_len),
+                              path=text_cfg.get("path"))
+
+
+def build_frames_codec(codec_cfg):
+    return build_frame_codec(str(codec_cfg.frames), patch=int(codec_cfg.patch), path=codec_cfg.get("frames_path"))
+
+
+def build_audio(codec_cfg):
+    return build_audio_codec(str(codec_cfg.audio), frame=int(codec_cfg.audio_frame), path=codec_cfg.get("audio_path"))
+
+
+def trainer_config(trainer_cfg, output_dir: Path, seed: int, device: str) -> TrainerConfig:
+    data = plain(trainer_cfg)
+    data.update(output_dir=str(output_dir), seed=int(seed), device=device)
+    return TrainerConfig.from_dict(data)
+
+
+def load_pretrained(path: str | Path, device: str = "cpu"):
+    """(model, text_encoder, frame codec, audio codec, run config) of a pretraining checkpoint (EMA weights)."""
+    ckpt = load_checkpoint(path, expected_kind=PRETRAIN_KIND)
+    run = ckpt.config["run"]
+    model = build_model_from_config(ckpt.config["model"])
+    text = build_text(OmegaConf.create(run["text"]))
+    ckpt.load_into({"model": model, "text_encoder": text})
+    codec_cfg = OmegaConf.create(run["codec"])
+    return model.to(device).eval(), text.to(device).eval(), build_frames_codec(codec_cfg), build_audio(codec_cfg), run
