@@ -1,0 +1,213 @@
+"""Client of the policy server (policies/serve.py): numpy + msgpack + websockets only, no torch.
+
+Importable in the simulator's own environment (SimplerEnv pins numpy < 2 and sapien 2.2.2):
+
+    from policies.client import RemotePolicy
+    policy = RemotePolicy("127.0.0.1", 8000, execute_steps=4)   # or ensemble=True
+    policy.reset(instruction)
+    raw_action, action = policy.step(image, instruction)       # SIMPLER's Google-robot action dict
+
+`PolicyClient` is the plain request/response layer: `infer(observation) -> {"actions", "terminate",
+"timing"}`, `reset()`, `.metadata`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any
+
+import numpy as np
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.sync.client import connect
+
+from policies.chunking import ActionQueue, TemporalEnsembler
+from policies.conventions import GRIPPER_DEADZONE, StickyGripper, to_simpler_action
+from policies.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, packb, unpackb
+
+# websockets >= 15 routes connections through $HTTP(S)_PROXY by default; a policy server never wants that.
+_NO_PROXY = {"proxy": None} if "proxy" in inspect.signature(connect).parameters else {}
+
+
+class PolicyServerError(RuntimeError):
+    """The server answered a request with an error; `.remote_traceback` holds its traceback."""
+
+    def __init__(self, message: str, remote_traceback: str = ""):
+        super().__init__(f"policy server error: {message}\n--- server traceback ---\n{remote_traceback}".rstrip())
+        self.remote_message, self.remote_traceback = message, remote_traceback
+
+
+class PolicyClient:
+    """Synchronous websocket client; connects (retrying up to `retry_until_up_s`) on construction.
+
+    `timeout` bounds each reply wait in seconds (the first inference may compile the model: be generous).
+    A dropped connection raises ConnectionError; the next call reconnects.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8000, timeout: float = 120.0,
+                 retry_until_up_s: float = 60.0, max_message_bytes: int = MAX_MESSAGE_BYTES):
+        self.host, self.port, self.timeout = host, int(port), float(timeout)
+        self.retry_until_up_s, self.max_message_bytes = float(retry_until_up_s), int(max_message_bytes)
+        self.uri = f"ws://{host}:{self.port}"
+        self._ws = None
+        self.metadata: dict[str, Any] = {}
+        self._connect()
+
+    def _connect(self) -> None:
+        deadline = time.monotonic() + self.retry_until_up_s
+        while True:
+            try:
+                ws = connect(self.uri, open_timeout=min(10.0, max(self.timeout, 1.0)), compression=None,
+                             max_size=self.max_message_bytes, **_NO_PROXY)
+                break
+            except InvalidURI as e:
+                raise ValueError(f"bad policy server address {self.uri!r}: give a host name and port") from e
+            except (OSError, InvalidHandshake, TimeoutError) as e:
+                if time.monotonic() >= deadline:
+                    raise ConnectionError(
+                        f"no policy server at {self.uri} after {self.retry_until_up_s:.0f} s ({type(e).__name__}: "
+                        f"{e}); start one with `python -m policies.serve --checkpoint DIR --port {self.port}` or "
+                        "raise retry_until_up_s") from e
+                time.sleep(0.25)
+        try:
+            metadata = unpackb(ws.recv(timeout=self.timeout))
+        except BaseException:
+            ws.close()
+            raise
+        if not isinstance(metadata, dict) or metadata.get("protocol_version") != PROTOCOL_VERSION:
+            ws.close()
+            raise ConnectionError(f"{self.uri} is not a policy server speaking protocol {PROTOCOL_VERSION} "
+                                  f"(first message: {str(metadata)[:200]}); update the client or the server")
+        self._ws, self.metadata = ws, metadata
+
+    def _request(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self._ws is None:
+            self._connect()
+        payload = packb(request)
+        limit = int(self.metadata.get("max_message_bytes", self.max_message_bytes))
+        if len(payload) > limit:
+            raise ValueError(f"request of {len(payload)} bytes exceeds the server's limit of {limit}; send a smaller "
+                             "image or start the server with a larger --max-message-mb")
+        try:
+            self._ws.send(payload)
+            reply = unpackb(self._ws.recv(timeout=self.timeout))
+        except ConnectionClosed as e:
+            self._ws = None
+            raise ConnectionError(f"policy server {self.uri} closed the connection ({e}); the next call "
+                                  "reconnects") from e
+        except TimeoutError as e:
+            self.close()  # a late reply would be read as the answer to the next request
+            raise TimeoutError(f"no reply from {self.uri} within {self.timeout} s; raise `timeout` if the model "
+                               "is slow (e.g. compiling on its first call)") from e
+        if not isinstance(reply, dict):
+            raise PolicyServerError(f"unexpected reply of type {type(reply).__name__}")
+        if "error" in reply:
+            raise PolicyServerError(str(reply["error"]), str(reply.get("traceback", "")))
+        return reply
+
+    def infer(self, observation: dict[str, Any]) -> dict[str, Any]:
+        """{"image": (H, W, 3) uint8, "instruction": str, "seed"?} -> {"actions" (H, 7), "terminate" (H,), "timing"}.
+
+        timing gets "roundtrip_ms" (client send to reply decoded) beside the server's infer_ms / server_ms.
+        """
+        t0 = time.perf_counter()
+        reply = self._request({"type": "infer", "observation": observation})
+        reply.setdefault("timing", {})["roundtrip_ms"] = (time.perf_counter() - t0) * 1e3
+        return reply
+
+    def reset(self) -> None:
+        """Ask the server to reset the policy (a no-op for stateless policies)."""
+        self._request({"type": "reset"})
+
+    def close(self) -> None:
+        if self._ws is not None:
+            self._ws.close()
+            self._ws = None
+
+    def __enter__(self) -> PolicyClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RemotePolicy:
+    """A SIMPLER-style policy (`reset(instruction)`, `step(image, instruction)`) backed by a policy server.
+
+    Chunks come from the server; `execute_steps=k` runs the first k actions of each chunk (default: the
+    server's metadata "execute_steps", else the whole chunk); `ensemble=True` queries every step and
+    averages overlapping chunks (TemporalEnsembler, weights exp(-ensemble_coeff * i), i = 0 oldest).
+    `seed`: if given, request n is sampled with seed + n (reproducible rollouts).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8000, execute_steps: int | None = None,
+                 ensemble: bool = False, ensemble_coeff: float = 0.01, sticky_gripper: int = 1,
+                 gripper_deadzone: float = GRIPPER_DEADZONE, seed: int | None = None, timeout: float = 120.0,
+                 retry_until_up_s: float = 60.0):
+        if ensemble and execute_steps is not None:
+            raise ValueError("choose either execute_steps (action queue) or ensemble=True (query every step)")
+        self.client = PolicyClient(host, port, timeout=timeout, retry_until_up_s=retry_until_up_s)
+        self.metadata = self.client.metadata
+        if execute_steps is None and not ensemble:
+            execute_steps = self.metadata.get("execute_steps")
+        self.ensemble, self.ensemble_coeff = bool(ensemble), float(ensemble_coeff)
+        self.queue = ActionQueue(execute_steps)
+        self.ensembler: TemporalEnsembler | None = None  # built from the first chunk's horizon
+        self.sticky = StickyGripper(sticky_gripper)
+        self.gripper_deadzone, self.seed = gripper_deadzone, seed
+        self.instruction: str | None = None
+        self.n_requests, self.last_timing = 0, {}
+
+    def reset(self, instruction: str | None = None) -> None:
+        """Start an episode: drop queued/ensembled actions and reset the server-side policy."""
+        self._flush()
+        self.sticky.reset()
+        self.instruction = instruction
+        self.client.reset()
+
+    def _flush(self) -> None:
+        self.queue.reset()
+        if self.ensembler is not None:
+            self.ensembler.reset()
+
+    def _query(self, image: np.ndarray, instruction: str) -> np.ndarray:
+        """One server call -> chunk (H, 8): 7 action columns + terminate."""
+        obs = {"image": np.asarray(image), "instruction": instruction,
+               "seed": None if self.seed is None else self.seed + self.n_requests}
+        reply = self.client.infer(obs)
+        self.n_requests += 1
+        self.last_timing = reply.get("timing", {})
+        actions = np.asarray(reply["actions"], np.float64)  # (H, 7)
+        terminate = np.asarray(reply.get("terminate", np.zeros(len(actions))), np.float64).reshape(-1, 1)  # (H, 1)
+        return np.concatenate([actions, terminate], axis=1)  # (H, 8)
+
+    def step(self, image: np.ndarray, instruction: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(image (H, W, 3) uint8, instruction) -> (raw_action, SIMPLER action dict)."""
+        if instruction != self.instruction:  # new episode without reset, or the next subtask: replan now
+            self._flush()
+            self.instruction = instruction
+        if self.ensemble:
+            chunk = self._query(image, instruction)
+            if self.ensembler is None or self.ensembler.horizon != len(chunk):
+                self.ensembler = TemporalEnsembler(len(chunk), self.ensemble_coeff)
+            vec = self.ensembler.update(chunk)  # (8,)
+            terminate = float(vec[7] > 0.5)
+        else:
+            if self.queue.empty:
+                self.queue.push(self._query(image, instruction))
+            vec = self.queue.pop()  # (8,)
+            terminate = float(vec[7])
+        a7 = vec[:7]
+        raw = {"world_vector": a7[:3].copy(), "rotation_delta": a7[3:6].copy(), "gripper": a7[6:7].copy(),
+               "terminate_episode": np.array([terminate])}
+        action = to_simpler_action(a7, terminate, gripper_deadzone=self.gripper_deadzone, sticky=self.sticky)
+        return raw, action
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> RemotePolicy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
