@@ -21,9 +21,9 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.sync.client import connect
 
-from policies.chunking import ActionQueue, TemporalEnsembler
-from policies.conventions import GRIPPER_DEADZONE, StickyGripper, to_simpler_action
+from policies.conventions import GRIPPER_DEADZONE
 from policies.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, packb, unpackb
+from policies.stepper import ChunkedPolicy
 
 # websockets >= 15 routes connections through $HTTP(S)_PROXY by default; a policy server never wants that.
 _NO_PROXY = {"proxy": None} if "proxy" in inspect.signature(connect).parameters else {}
@@ -131,12 +131,14 @@ class PolicyClient:
         self.close()
 
 
-class RemotePolicy:
+class RemotePolicy(ChunkedPolicy):
     """A SIMPLER-style policy (`reset(instruction)`, `step(image, instruction)`) backed by a policy server.
 
     Chunks come from the server; `execute_steps=k` runs the first k actions of each chunk (default: the
     server's metadata "execute_steps", else the whole chunk); `ensemble=True` queries every step and
     averages overlapping chunks (TemporalEnsembler, weights exp(-ensemble_coeff * i), i = 0 oldest).
+    The recent frames the model conditions on (metadata "context_frames" / "frame_stride") are kept here
+    and sent with each request, so the server stays stateless.
     `seed`: if given, request n is sampled with seed + n (reproducible rollouts).
     """
 
@@ -144,35 +146,25 @@ class RemotePolicy:
                  ensemble: bool = False, ensemble_coeff: float = 0.01, sticky_gripper: int = 1,
                  gripper_deadzone: float = GRIPPER_DEADZONE, seed: int | None = None, timeout: float = 120.0,
                  retry_until_up_s: float = 60.0):
-        if ensemble and execute_steps is not None:
-            raise ValueError("choose either execute_steps (action queue) or ensemble=True (query every step)")
         self.client = PolicyClient(host, port, timeout=timeout, retry_until_up_s=retry_until_up_s)
         self.metadata = self.client.metadata
         if execute_steps is None and not ensemble:
             execute_steps = self.metadata.get("execute_steps")
-        self.ensemble, self.ensemble_coeff = bool(ensemble), float(ensemble_coeff)
-        self.queue = ActionQueue(execute_steps)
-        self.ensembler: TemporalEnsembler | None = None  # built from the first chunk's horizon
-        self.sticky = StickyGripper(sticky_gripper)
-        self.gripper_deadzone, self.seed = gripper_deadzone, seed
-        self.instruction: str | None = None
+        super().__init__(execute_steps, ensemble, ensemble_coeff, sticky_gripper, gripper_deadzone,
+                         context_frames=int(self.metadata.get("context_frames", 1)),
+                         frame_stride=int(self.metadata.get("frame_stride", 1)))
+        self.seed = seed
         self.n_requests, self.last_timing = 0, {}
 
     def reset(self, instruction: str | None = None) -> None:
-        """Start an episode: drop queued/ensembled actions and reset the server-side policy."""
-        self._flush()
-        self.sticky.reset()
-        self.instruction = instruction
+        """Start an episode: drop frames and queued/ensembled actions, and reset the server-side policy."""
+        super().reset(instruction)
         self.client.reset()
 
-    def _flush(self) -> None:
-        self.queue.reset()
-        if self.ensembler is not None:
-            self.ensembler.reset()
-
-    def _query(self, image: np.ndarray, instruction: str) -> np.ndarray:
+    def _query(self, frames: np.ndarray, instruction: str) -> np.ndarray:
         """One server call -> chunk (H, 8): 7 action columns + terminate."""
-        obs = {"image": np.asarray(image), "instruction": instruction,
+        image = frames[-1] if len(frames) == 1 else frames  # (H, W, 3) or (Tc, H, W, 3), oldest first
+        obs = {"image": np.ascontiguousarray(image), "instruction": instruction,
                "seed": None if self.seed is None else self.seed + self.n_requests}
         reply = self.client.infer(obs)
         self.n_requests += 1
@@ -180,28 +172,6 @@ class RemotePolicy:
         actions = np.asarray(reply["actions"], np.float64)  # (H, 7)
         terminate = np.asarray(reply.get("terminate", np.zeros(len(actions))), np.float64).reshape(-1, 1)  # (H, 1)
         return np.concatenate([actions, terminate], axis=1)  # (H, 8)
-
-    def step(self, image: np.ndarray, instruction: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """(image (H, W, 3) uint8, instruction) -> (raw_action, SIMPLER action dict)."""
-        if instruction != self.instruction:  # new episode without reset, or the next subtask: replan now
-            self._flush()
-            self.instruction = instruction
-        if self.ensemble:
-            chunk = self._query(image, instruction)
-            if self.ensembler is None or self.ensembler.horizon != len(chunk):
-                self.ensembler = TemporalEnsembler(len(chunk), self.ensemble_coeff)
-            vec = self.ensembler.update(chunk)  # (8,)
-            terminate = float(vec[7] > 0.5)
-        else:
-            if self.queue.empty:
-                self.queue.push(self._query(image, instruction))
-            vec = self.queue.pop()  # (8,)
-            terminate = float(vec[7])
-        a7 = vec[:7]
-        raw = {"world_vector": a7[:3].copy(), "rotation_delta": a7[3:6].copy(), "gripper": a7[6:7].copy(),
-               "terminate_episode": np.array([terminate])}
-        action = to_simpler_action(a7, terminate, gripper_deadzone=self.gripper_deadzone, sticky=self.sticky)
-        return raw, action
 
     def close(self) -> None:
         self.client.close()

@@ -58,10 +58,11 @@ def validate_observation(obs: Any) -> dict[str, Any]:
     if missing:
         raise ValueError(f"observation lacks {missing}; send {{'image': (H, W, 3) uint8, 'instruction': str}}")
     image, instruction, seed = obs["image"], obs["instruction"], obs.get("seed")
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim not in (3, 4) or image.shape[-1] != 3:
         desc = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"observation['image'] must be an (H, W, 3) uint8 RGB array, got {desc}")
-    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError("observation['image'] must be an (H, W, 3) uint8 RGB array (or (T, H, W, 3) recent frames, "
+                         f"oldest first), got {desc}")
+    if min(image.shape[:-1]) < 1:
         raise ValueError(f"observation['image'] is empty: shape {image.shape}")
     if not isinstance(instruction, str):
         raise ValueError(f"observation['instruction'] must be a str, got {type(instruction).__name__}")

@@ -1,0 +1,90 @@
+"""The SIMPLER-style `reset` / `step` loop shared by the in-process and the remote policy (numpy only).
+
+A subclass provides `_query(frames, instruction) -> (H, 8)` (7 RT-1 action columns in physical units
+plus terminate) given the recent frames; this class keeps the frame history the model conditions on,
+executes k actions of each chunk (ActionQueue) or ensembles overlapping chunks (TemporalEnsembler),
+and converts to SIMPLER's action dict (policies.conventions).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from policies.chunking import ActionQueue, TemporalEnsembler
+from policies.conventions import GRIPPER_DEADZONE, StickyGripper, to_simpler_action
+
+
+class ChunkedPolicy:
+    """Base of SelfFlowPolicy and RemotePolicy: frame history + chunk execution + action conventions.
+
+    execute_steps: k actions executed per predicted chunk (None = the whole chunk).
+    ensemble: query every step and average overlapping chunks, weights exp(-ensemble_coeff * i).
+    context_frames / frame_stride: the model sees frames at offsets -(Tc-1)*stride .. 0 of the history;
+        before an episode has that many frames the first frame is repeated (as in training).
+    """
+
+    def __init__(self, execute_steps: int | None = None, ensemble: bool = False, ensemble_coeff: float = 0.01,
+                 sticky_gripper: int = 1, gripper_deadzone: float = GRIPPER_DEADZONE, context_frames: int = 1,
+                 frame_stride: int = 1):
+        if ensemble and execute_steps is not None:
+            raise ValueError("choose either execute_steps (action queue) or ensemble=True (query every step)")
+        if context_frames < 1 or frame_stride < 1:
+            raise ValueError(f"context_frames and frame_stride must be >= 1, got {context_frames}, {frame_stride}")
+        self.ensemble, self.ensemble_coeff = bool(ensemble), float(ensemble_coeff)
+        self.queue = ActionQueue(execute_steps)
+        self.ensembler: TemporalEnsembler | None = None  # built from the first chunk's horizon
+        self.sticky = StickyGripper(sticky_gripper)
+        self.gripper_deadzone = gripper_deadzone
+        self.context_frames, self.frame_stride = int(context_frames), int(frame_stride)
+        self.history: deque[np.ndarray] = deque(maxlen=(self.context_frames - 1) * self.frame_stride + 1)
+        self.instruction: str | None = None
+
+    def _query(self, frames: np.ndarray, instruction: str) -> np.ndarray:
+        """(Tc, H, W, 3) uint8 context frames (oldest first) -> chunk (H, 8): 7 action columns + terminate."""
+        raise NotImplementedError
+
+    def reset(self, instruction: str | None = None) -> None:
+        """Start an episode: forget frames and queued / ensembled actions."""
+        self._flush()
+        self.history.clear()
+        self.sticky.reset()
+        self.instruction = instruction
+
+    def _flush(self) -> None:
+        self.queue.reset()
+        if self.ensembler is not None:
+            self.ensembler.reset()
+
+    def context(self) -> np.ndarray:
+        """(Tc, H, W, 3) frames at offsets -(Tc-1)*stride .. 0, the first frame repeated before the start."""
+        frames = list(self.history)
+        picks = [len(frames) - 1 - k * self.frame_stride for k in reversed(range(self.context_frames))]
+        return np.stack([frames[max(i, 0)] for i in picks])
+
+    def step(self, image: np.ndarray, instruction: str | None = None) -> tuple[dict, dict]:
+        """(image (H, W, 3) uint8, instruction) -> (raw_action, SIMPLER action dict)."""
+        instruction = self.instruction if instruction is None else instruction
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise ValueError("step() needs an instruction: pass it to reset(instruction) or step(image, instruction)")
+        if instruction != self.instruction:  # a new subtask: replan now
+            self._flush()
+            self.instruction = instruction
+        self.history.append(np.asarray(image))
+        if self.ensemble:
+            chunk = self._query(self.context(), instruction)
+            if self.ensembler is None or self.ensembler.horizon != len(chunk):
+                self.ensembler = TemporalEnsembler(len(chunk), self.ensemble_coeff)
+            vec = self.ensembler.update(chunk)  # (8,)
+            terminate = float(vec[7] > 0.5)
+        else:
+            if self.queue.empty:
+                self.queue.push(self._query(self.context(), instruction))
+            vec = self.queue.pop()  # (8,)
+            terminate = float(vec[7] > 0.5)
+        a7 = np.asarray(vec[:7], dtype=np.float64)
+        raw = {"world_vector": a7[:3].copy(), "rotation_delta": a7[3:6].copy(), "gripper": a7[6:7].copy(),
+               "terminate_episode": np.array([terminate])}
+        action = to_simpler_action(a7, terminate, gripper_deadzone=self.gripper_deadzone, sticky=self.sticky)
+        return raw, action

@@ -1,0 +1,132 @@
+"""Training metrics: a JSONL log (always), TensorBoard / Weights & Biases (optional), and a loss-curve PNG.
+
+One line of ``metrics.jsonl`` per logged step: ``{"step": 10, "loss": 0.91, "flow/image": 0.88, "lr": 1e-4}``.
+Keys that appear only on some steps (``flow/video`` in a mixed-modality run) are simply absent elsewhere;
+the plot draws each key over the steps where it exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Bookkeeping keys that are not losses: logged, but left out of the default loss plot.
+NOT_LOSSES = frozenset({"step", "lr", "grad_norm", "steps_per_s", "samples_per_s", "time_s", "ema_decay"})
+
+
+class MetricsLogger:
+    """Appends metrics to ``<output_dir>/metrics.jsonl``; mirrors them to TensorBoard / wandb when asked.
+
+    Only the main process should log: ``enabled=False`` makes every call a no-op (other ranks).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        enabled: bool = True,
+        tensorboard: bool = False,
+        wandb_project: str | None = None,
+        run_config: Mapping | None = None,
+    ):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._tb = self._wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ValueError("tensorboard=True needs the tensorboard package: pip install tensorboard "
+                                 "(or set tensorboard=false)") from err
+            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as err:
+                raise ValueError("wandb_project is set but wandb is not installed: pip install wandb "
+                                 "(or set wandb_project=null)") from err
+            self._wandb = wandb.init(project=wandb_project, dir=str(output_dir), config=dict(run_config or {}))
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Append one record; values must be numbers (non-finite ones are written as null)."""
+        if not self.enabled:
+            return
+        record = {"step": int(step)}
+        for key, value in metrics.items():
+            value = float(value)
+            record[key] = value if math.isfinite(value) else None
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and value is not None:
+                    self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (a resumed run rewrites the steps after its checkpoint)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path) if r["step"] <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All records of a metrics.jsonl file, in order."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no metrics log at {path}: train with log_every > 0 first")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curves(
+    metrics_path: str | Path, png_path: str | Path, keys: Iterable[str] | None = None, title: str = "training loss"
+) -> Path:
+    """Write a PNG with one line per metric key (default: every key except bookkeeping like lr)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    if keys is None:
+        found: dict[str, None] = {}
+        for r in records:
+            found.update({k: None for k in r if k not in NOT_LOSSES})
+        keys = sorted(found)
+    keys = list(keys)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=key, marker="." if len(points) < 30 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("value")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if keys:
+        ax.legend(fontsize=8)
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path
+
+
+__all__ = ["MetricsLogger", "read_metrics", "plot_loss_curves", "NOT_LOSSES"]
