@@ -122,7 +122,7 @@ class PretrainTask:
         loss, metrics = self.objective.loss(self.model, ema, seq, generator=generator)
         metrics = dict(metrics)
         modality = batch["modality"]
-        metrics[f"loss/{modality}"] = metrics.get("loss", float(loss))
+        metrics[f"loss/{modality}"] = metrics.get("loss", float(loss.detach()))
         if "rep" in metrics:
             metrics[f"rep/{modality}"] = metrics["rep"]
         return loss, metrics
@@ -187,44 +187,45 @@ def write_samples(model: nn.Module, task: PretrainTask, out_dir: Path, sampling_
     return written
 
 
-def build_streams(cfg, frame_codec, audio_codec) -> list[ModalityStream]:
-    """The modality streams of ``cfg.data`` with probability > 0 (procedural, folders or tfds)."""
+def build_dataset(d, modality: str):
+    """The dataset of one modality from the ``data`` config group (procedural, folders or tfds)."""
     from worldmodel import data as sources
 
-    d, streams = cfg.data, []
+    if d.name == "procedural":
+        if modality == "image":
+            return sources.ProceduralImages(size=d.image_size, length=d.length, seed=d.seed)
+        if modality == "video":
+            return sources.ProceduralVideos(size=d.video_size, frames=d.video_frames, length=d.length, seed=d.seed)
+        return sources.ProceduralAudio(sample_rate=d.sample_rate, seconds=d.audio_seconds, length=d.length,
+                                       seed=d.seed)
+    if d.name == "folders":
+        root = d.get(f"{modality}_root")
+        if not root:
+            raise ValueError(f"data=folders with modalities.{modality}.prob > 0 needs data.{modality}_root=... "
+                             f"(or modalities.{modality}.prob=0)")
+        if modality == "image":
+            return sources.ImageFolder(root, size=d.image_size, captions=d.image_captions)
+        if modality == "video":
+            return sources.VideoFolder(root, frames=d.video_frames, stride=d.video_stride, size=d.video_size)
+        return sources.AudioFolder(root, sample_rate=d.sample_rate, seconds=d.audio_seconds)
+    if d.name == "tfds":
+        if modality != "image":
+            raise ValueError(f"data=tfds provides images only; set modalities.{modality}.prob=0")
+        return sources.TFDSImages(d.dataset_dir, split=d.split, image_key=d.image_key, caption_key=d.caption_key,
+                                  size=d.image_size)
+    raise ValueError(f"unknown data source {d.name!r}; use data=procedural, data=folders or data=tfds")
+
+
+def build_streams(cfg, frame_codec, audio_codec) -> list[ModalityStream]:
+    """The modality streams with probability > 0, each with its dataset and codec."""
     codecs = {"image": frame_codec, "video": frame_codec, "audio": audio_codec}
+    streams = []
     for modality, mix in cfg.modalities.items():
         if modality not in codecs:
             raise ValueError(f"unknown pretraining modality {modality!r}; use image, video or audio")
-        if float(mix.prob) <= 0:
-            continue
-        if d.name == "procedural":
-            dataset = {
-                "image": lambda: sources.ProceduralImages(size=d.image_size, length=d.length, seed=d.seed),
-                "video": lambda: sources.ProceduralVideos(size=d.video_size, frames=d.video_frames, length=d.length,
-                                                          seed=d.seed),
-                "audio": lambda: sources.ProceduralAudio(sample_rate=d.sample_rate, seconds=d.audio_seconds,
-                                                         length=d.length, seed=d.seed),
-            }[modality]()
-        elif d.name == "folders":
-            root = d.get(f"{modality}_root")
-            if not root:
-                raise ValueError(f"data=folders with modalities.{modality}.prob > 0 needs data.{modality}_root=... "
-                                 f"(or modalities.{modality}.prob=0)")
-            dataset = {
-                "image": lambda: sources.ImageFolder(root, size=d.image_size, captions=d.image_captions),
-                "video": lambda: sources.VideoFolder(root, frames=d.video_frames, stride=d.video_stride,
-                                                     size=d.video_size),
-                "audio": lambda: sources.AudioFolder(root, sample_rate=d.sample_rate, seconds=d.audio_seconds),
-            }[modality]()
-        elif d.name == "tfds":
-            if modality != "image":
-                raise ValueError(f"data=tfds provides images only; set modalities.{modality}.prob=0")
-            dataset = sources.TFDSImages(d.dataset_dir, split=d.split, image_key=d.image_key,
-                                         caption_key=d.caption_key, size=d.image_size)
-        else:
-            raise ValueError(f"unknown data source {d.name!r}; use data=procedural, data=folders or data=tfds")
-        streams.append(ModalityStream(modality, dataset, codecs[modality], int(mix.batch_size), float(mix.prob)))
+        if float(mix.prob) > 0:
+            dataset = build_dataset(cfg.data, modality)
+            streams.append(ModalityStream(modality, dataset, codecs[modality], int(mix.batch_size), float(mix.prob)))
     return streams
 
 
