@@ -119,7 +119,9 @@ def channel_mask(layout: Layout, token_dim: dict[str, int], channels: int, devic
     return torch.cat(rows, dim=0)
 
 
-def concat_segments(segments: list[tuple[str, Tensor, Tensor]], channels: int | None = None) -> tuple[Tensor, Tensor, Layout]:
+def concat_segments(
+    segments: list[tuple[str, Tensor, Tensor]], channels: int | None = None
+) -> tuple[Tensor, Tensor, Layout]:
     """Pack ``[(modality, values (B, n, C_m), pos (n, 3)), ...]`` into (x (B, N, C), pos (N, 3), layout).
 
     Values are zero-padded on the channel axis to ``channels`` (default: the widest segment).
