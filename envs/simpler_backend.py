@@ -11,6 +11,7 @@ scene_name=..., rgb_overlay_path=..., urdf_version=..., ...)`, resets with the s
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,13 @@ Python <= 3.11):
     git clone https://github.com/simpler-env/SimplerEnv --recurse-submodules
     cd SimplerEnv && pip install "numpy<2" && pip install -e ./ManiSkill2_real2sim && pip install -e .
     pip install hydra-core tqdm imageio imageio-ffmpeg pillow msgpack websockets   # evaluator + client deps
-then start this toolkit's policy server (policies/server.py) with your checkpoint from the toolkit's own
-environment, and run the evaluator from SimplerEnv's environment against it:
+then start this toolkit's policy server with your checkpoint from the toolkit's own environment:
+    python -m policies.serve --checkpoint DIR --port 8000
+and run the evaluator from SimplerEnv's environment against it:
     python scripts/eval_simpler.py --task move_near --policy-server localhost:8000
-No GPU? SAPIEN renders on the CPU with a software Vulkan driver (Mesa lavapipe):
-    export VK_ICD_FILENAMES=/path/to/lvp_icd.x86_64.json   (see shared/tools/sapien-cpu-render/setup.sh)
+No GPU? SAPIEN 2.2.2 renders on the CPU with Mesa >= 23's software Vulkan driver (lavapipe) plus a small
+Vulkan layer that hides lavapipe's missing VK_KHR_external_semaphore_fd from SAPIEN:
+    export VK_ICD_FILENAMES=/path/to/lvp_icd.json VK_LAYER_PATH=<layer dir> VK_INSTANCE_LAYERS=<layer name>
 and use the raster shader for the drawer tasks (they ray-trace by default, minutes per step on a CPU):
     python scripts/eval_simpler.py --task open_drawer cpu_render=true
 which passes render_config=dict(camera_shader_dir="ibl", viewer_shader_dir="ibl") to the env."""
@@ -37,6 +40,9 @@ RENDER_HELP = ("SAPIEN could not render ({err}). Check the Vulkan setup: VK_ICD_
                "ICD json (an NVIDIA driver's nvidia_icd.json on a GPU machine, or Mesa lavapipe's lvp_icd.*.json "
                "for CPU rendering), the ICD's library must load (`vulkaninfo --summary`), and on CPU the drawer "
                "tasks need cpu_render=true (raster 'ibl' shader instead of ray tracing).")
+SEMFD_HELP = (" 'ErrorExtensionNotPresent' on Mesa lavapipe means SAPIEN 2.2.2 asked for VK_KHR_external_semaphore_fd, "
+              "which lavapipe lacks: load a Vulkan layer that strips that extension from vkCreateDevice "
+              "(VK_LAYER_PATH=<dir of its json>, VK_INSTANCE_LAYERS=<its name>) before starting Python.")
 
 
 def import_simpler():
@@ -60,6 +66,29 @@ def simpler_root() -> Path:
 
     env_root = os.environ.get("SIMPLER_ENV_ROOT")
     return Path(env_root) if env_root else Path(simpler_env.__file__).resolve().parent.parent
+
+
+def overlay_candidates(rel: str) -> list[Path]:
+    """Where a relative overlay path ("ManiSkill2_real2sim/data/real_inpainting/x.png") may live, in order:
+    under SIMPLER_ENV_ROOT / the SimplerEnv checkout (submodule layout), then under the data folder that the
+    installed `mani_skill2_real2sim` itself reads its assets from (also right when the submodule was cloned
+    and `pip install -e`'d somewhere else)."""
+    path = Path(rel)
+    cands = [simpler_root() / path]
+    parts = path.parts
+    if "data" in parts:
+        try:
+            from mani_skill2_real2sim import ASSET_DIR
+        except ImportError:
+            ASSET_DIR = None
+        if ASSET_DIR is not None:
+            cands.append(Path(ASSET_DIR).resolve() / Path(*parts[parts.index("data") + 1:]))
+    return cands
+
+
+def software_vulkan() -> bool:
+    """True when VK_ICD_FILENAMES selects Mesa's software driver (lavapipe), i.e. SAPIEN renders on the CPU."""
+    return any("lvp" in Path(f).name for f in os.environ.get("VK_ICD_FILENAMES", "").split(os.pathsep) if f)
 
 
 def _as_arrays(opts: Any) -> Any:
@@ -152,15 +181,21 @@ class SimplerBackend:
         kw = dict(spec.make_kwargs)
         if kw.get("rgb_overlay_path"):
             path = Path(kw["rgb_overlay_path"])
-            if not path.is_absolute():
-                path = simpler_root() / path
-            if not path.is_file():
-                raise FileNotFoundError(f"overlay image {path} not found; SimplerEnv must be installed from its "
-                                        "repository with the ManiSkill2_real2sim submodule (or set SIMPLER_ENV_ROOT "
-                                        "to that repository)")
-            kw["rgb_overlay_path"] = str(path)
+            cands = [path] if path.is_absolute() else overlay_candidates(str(path))
+            found = [c for c in cands if c.is_file()]
+            if not found:
+                raise FileNotFoundError(f"overlay image not found at {', '.join(map(str, cands))}; install SimplerEnv "
+                                        "from its repository with the ManiSkill2_real2sim submodule (or set "
+                                        "SIMPLER_ENV_ROOT to that repository, or MS2_REAL2SIM_ASSET_DIR to "
+                                        "ManiSkill2_real2sim/data)")
+            kw["rgb_overlay_path"] = str(found[0])
         if self.cpu_render:
             kw["render_config"] = dict(camera_shader_dir="ibl", viewer_shader_dir="ibl")
+        elif kw.get("shader_dir") == "rt" and software_vulkan():
+            warnings.warn(f"{spec.env_id} ray-traces (shader_dir='rt') on a software Vulkan driver "
+                          f"({os.environ.get('VK_ICD_FILENAMES')}): minutes per step on a CPU; pass cpu_render=true "
+                          "to use the raster 'ibl' shader (images then differ from the official protocol's)",
+                          RuntimeWarning, stacklevel=2)
         return kw
 
     def make(self, spec: EpisodeSpec, **options: Any) -> SimplerSession:
@@ -181,7 +216,8 @@ class SimplerBackend:
                 env = build_env(spec.env_id, **kw)
             except RuntimeError as e:
                 if "vulkan" in str(e).lower() or "render" in str(e).lower() or "device" in str(e).lower():
-                    raise RuntimeError(RENDER_HELP.format(err=e)) from e
+                    hint = SEMFD_HELP if "ExtensionNotPresent" in str(e) else ""
+                    raise RuntimeError(RENDER_HELP.format(err=e) + hint) from e
                 raise
             if self.reuse_env:
                 self._cache[key] = env

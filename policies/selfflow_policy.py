@@ -11,6 +11,7 @@ instruction; `imagine()` runs the video branch for a user who wants to see what 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,15 @@ def preprocess_frames(frames: np.ndarray, height: int, width: int, device) -> to
         raise ValueError(f"image must be (H, W, 3) RGB (or (T, H, W, 3) frames), got shape {frames.shape}; "
                          "drop an alpha channel with img[..., :3] or stack a grey image to 3 channels")
     x = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
-    if x.shape[-2:] != (height, width):
-        x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", antialias=True,
-                                            align_corners=False)
+    if x.shape[-2:] != (height, width):  # as the RT-1 reader: resize to cover, then centre-crop
+        scale = max(height / x.shape[-2], width / x.shape[-1])
+        size = (max(height, math.ceil(x.shape[-2] * scale)), max(width, math.ceil(x.shape[-1] * scale)))
+        if scale < 1:
+            x = torch.nn.functional.interpolate(x, size=size, mode="area")
+        else:
+            x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        top, left = (size[0] - height) // 2, (size[1] - width) // 2
+        x = x[..., top: top + height, left: left + width].clamp(0, 255).round()  # uint8, as stored
     return (x / 127.5 - 1.0).clamp(-1, 1)[None]  # (1, T, 3, h, w)
 
 
