@@ -65,7 +65,7 @@ def build_objective(objective_cfg, model, trainer_cfg: TrainerConfig) -> SelfFlo
 
 def build_text(text_cfg):
     return build_text_encoder(str(text_cfg.encoder), dim=int(text_cfg.dim), max_len=int(text_cfg.max_len),
-                              path=text_cfg.get("path"))
+                              path=text_cfg.get("path"), layers=int(text_cfg.get("layers", 2)))
 
 
 def build_frames_codec(codec_cfg):

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Let SAPIEN 3 (ManiSkill3) render on a machine without a GPU, through Mesa's software Vulkan
+# driver (lavapipe). Nothing is installed system-wide: packages are unpacked into a cache folder and
+# an ICD json is written beside them. No root needed.
+#
+#   bash envs/setup_cpu_render.sh [DEST]    # DEST: $WORLDMODEL_CPU_RENDER_DIR or ~/.cache/worldmodel/cpu-render
+#
+# Afterwards `envs.cpu_render.ensure_cpu_rendering()` (called by the ManiSkill3 backend) finds DEST by
+# itself; in a shell, `source DEST/env.sh` does the same for other programs.
+# Debian 12: Mesa 25 comes from bookworm-backports, because bookworm's own lavapipe (Mesa 22) lacks
+# features SAPIEN needs (ErrorFeatureNotPresent). Other apt systems: the distribution's own
+# mesa-vulkan-drivers (Mesa >= 23 works). Libraries the driver needs that the system lacks are
+# unpacked too. SAPIEN 3 ships its own Vulkan loader, so only VK_ICD_FILENAMES matters (no layer).
+set -euo pipefail
+dest=${1:-${WORLDMODEL_CPU_RENDER_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/worldmodel/cpu-render}}
+die() { echo "setup_cpu_render.sh: $*" >&2; exit 1; }
+command -v apt-get >/dev/null && command -v dpkg >/dev/null || die "needs an apt system (Debian/Ubuntu). Elsewhere \
+install Mesa >= 23's lavapipe (package mesa-vulkan-drivers or mesa-vulkan-swrast) and export VK_ICD_FILENAMES=<its lvp_icd json>."
+mkdir -p "$dest"/apt/lists/partial "$dest"/apt/cache/archives/partial "$dest"/apt/sp "$dest"/debs "$dest"/mesa
+dest=$(cd "$dest" && pwd)
+codename=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")
+
+apt_o=(-o Dir::Cache="$dest/apt/cache" -o Debug::NoLocking=1)
+if [ "$codename" = bookworm ]; then
+  # The mirror comes from this machine's own Debian source list (deb822 or one-line format).
+  uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  [ -n "$uri" ] || uri=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+  [ -n "$uri" ] || die "no Debian mirror found in /etc/apt sources"
+  printf 'Types: deb\nURIs: %s\nSuites: bookworm bookworm-backports\nComponents: main\nSigned-By: %s\n' \
+    "$uri" /usr/share/keyrings/debian-archive-keyring.gpg >"$dest/apt/sp/worldmodel.sources"
+  apt_o+=(-o Dir::Etc::sourcelist=/dev/null -o Dir::Etc::sourceparts="$dest/apt/sp" -o Dir::State::Lists="$dest/apt/lists")
+  main=(mesa-vulkan-drivers/bookworm-backports libdrm2/bookworm-backports libdrm-amdgpu1/bookworm-backports)
+else
+  # Same sources as the system, private package lists (so no root is needed).
+  apt_o+=(-o Dir::State::Lists="$dest/apt/lists")
+  main=(mesa-vulkan-drivers)
+fi
+echo "setup_cpu_render.sh: fetching package lists (${codename:-unknown release})"
+apt-get "${apt_o[@]}" update -qq 2>&1 | grep -v 'unsandboxed' || true
+
+# Dependencies of the driver that are not installed here (resolved with the same private lists).
+names=("${main[@]%%/*}")
+deps=$(apt-cache "${apt_o[@]}" depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
+       --no-replaces --no-enhances "${names[@]}" | grep -v '^[ <]' | sort -u)
+extra=()
+for p in $deps; do
+  case " ${names[*]} " in *" $p "*) continue;; esac
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || extra+=("$p")
+done
+rm -f "$dest"/debs/*.deb
+echo "setup_cpu_render.sh: downloading ${main[*]} ${extra[*]}"
+(cd "$dest/debs" && apt-get "${apt_o[@]}" download "${main[@]}" "${extra[@]}" 2>&1 | grep -v 'unsandboxed')
+for f in "$dest"/debs/*.deb; do dpkg -x "$f" "$dest/mesa"; done
+
+lib=$(ls "$dest"/mesa/usr/lib/*/libvulkan_lvp.so 2>/dev/null | head -1)
+[ -n "$lib" ] || die "libvulkan_lvp.so missing after unpacking mesa-vulkan-drivers"
+libdir=$(dirname "$lib")
+missing=$(LD_LIBRARY_PATH="$libdir" ldd "$lib" | awk '/not found/{print $1}')
+[ -z "$missing" ] || die "the driver still lacks: $missing (install the packages providing them)"
+printf '{"file_format_version": "1.0.0", "ICD": {"api_version": "1.3.0", "library_path": "%s"}}\n' "$lib" \
+  >"$dest/lvp_icd.json"
+printf 'export VK_ICD_FILENAMES=%s\nexport LD_LIBRARY_PATH=%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}\n' \
+  "$dest/lvp_icd.json" "$libdir" >"$dest/env.sh"
+echo "ready: $dest/lvp_icd.json (python: envs.cpu_render.ensure_cpu_rendering(); shell: source $dest/env.sh)"
