@@ -79,7 +79,6 @@ class SelfFlowPolicy(ChunkedPolicy):
     def from_pretrained(cls, path: str | Path, device: str | None = None, **options) -> SelfFlowPolicy:
         """Load `config.json`, `model.safetensors` and `action_stats.json` from a fine-tuning checkpoint dir."""
         from worldmodel.actions import ActionNormalizer
-
         from worldmodel.builders import build_frames_codec, build_text
         from worldmodel.checkpoint import load_checkpoint
         from worldmodel.sizes import build_model_from_config

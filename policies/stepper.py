@@ -63,6 +63,19 @@ class ChunkedPolicy:
         picks = [len(frames) - 1 - k * self.frame_stride for k in reversed(range(self.context_frames))]
         return np.stack([frames[max(i, 0)] for i in picks])
 
+    def _checked(self, image) -> np.ndarray:
+        """The frame as a uint8 (H, W, 3) array the same size as this episode's earlier frames (else ValueError)."""
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            nan = " holding NaNs" if image.dtype.kind == "f" and bool(np.isnan(image).any()) else ""
+            raise ValueError(f"step() needs an (H, W, 3) uint8 RGB numpy array, got dtype {image.dtype}, shape "
+                             f"{image.shape}{nan}; convert floats in [0, 1] with (img * 255).astype(np.uint8) and "
+                             "drop alpha with img[..., :3]")
+        if self.history and self.history[-1].shape != image.shape:
+            raise ValueError(f"image size changed mid-episode from {self.history[-1].shape} to {image.shape}; "
+                             "keep one camera resolution per episode or call reset() first")
+        return image
+
     def step(self, image: np.ndarray, instruction: str | None = None) -> tuple[dict, dict]:
         """(image (H, W, 3) uint8, instruction) -> (raw_action, SIMPLER action dict)."""
         instruction = self.instruction if instruction is None else instruction
@@ -71,7 +84,7 @@ class ChunkedPolicy:
         if instruction != self.instruction:  # a new subtask: replan now
             self._flush()
             self.instruction = instruction
-        self.history.append(np.asarray(image))
+        self.history.append(self._checked(image))
         if self.ensemble:
             chunk = self._query(self.context(), instruction)
             if self.ensembler is None or self.ensembler.horizon != len(chunk):

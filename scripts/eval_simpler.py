@@ -25,7 +25,8 @@ def parse(argv: list[str]):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task")
-    p.add_argument("--protocol", choices=["visual_matching", "variant_aggregation"])
+    p.add_argument("--protocol", help="visual_matching | variant_aggregation (SIMPLER); standard (ManiSkill3); "
+                   "an unknown name is refused with the valid ones")
     p.add_argument("--episodes", type=int)
     p.add_argument("--checkpoint")
     p.add_argument("--policy-server", dest="policy_server", metavar="HOST:PORT")
