@@ -1,10 +1,15 @@
-"""Make SAPIEN 3 (ManiSkill3) render with or without a GPU, with nothing for the user to patch.
+"""Make SAPIEN 3 (ManiSkill3) and SAPIEN 2.2 (SIMPLER) render with or without a GPU, with nothing to patch.
 
 `ensure_cpu_rendering()` decides once per process how to render: a GPU Vulkan driver when the
 machine has one (an NVIDIA device node plus its Vulkan ICD json), else Mesa's software driver
 (lavapipe) unpacked by `bash envs/setup_cpu_render.sh` into a cache folder. For the CPU path it points
 `VK_ICD_FILENAMES` at that ICD and preloads the driver's private libraries (libdrm from Debian
 backports), so it must run before SAPIEN creates its first render device (before `gym.make`).
+
+SAPIEN 2.2 (SIMPLER) additionally needs the Vulkan layer VK_LAYER_fake_semfd (envs/vk_layer_fake_semfd.c,
+compiled by the setup script): it always enables VK_KHR_external_semaphore_fd, which lavapipe lacks.
+`ensure_cpu_rendering(sapien2=True)` enables that layer (VK_LAYER_PATH, VK_INSTANCE_LAYERS) whenever the
+chosen driver is lavapipe; SAPIEN 2 uses the system's Vulkan loader, which reads them at vkCreateInstance.
 
 `maniskill_render_device()` is the render-device workaround: mani-skill 3.0.1 splits the
 `render_backend` string on ":", so `render_backend="pci:0"` asks SAPIEN for a device named "pci"
@@ -20,25 +25,35 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ctypes.util
 import glob
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 SETUP_SCRIPT = Path(__file__).resolve().parent / "setup_cpu_render.sh"
+LAYER_NAME = "VK_LAYER_fake_semfd"
 ICD_DIRS = ("/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d", "/usr/local/share/vulkan/icd.d")
 SETUP_HELP = "run `bash envs/setup_cpu_render.sh` (Debian/Ubuntu; unpacks Mesa's lavapipe into {dest}, no root)"
 
 
 @dataclass(frozen=True)
 class RenderSetup:
-    """How this process renders: mode "gpu" | "cpu" | "user"; `render_backend` is what to give ManiSkill."""
+    """How this process renders: mode "gpu" | "cpu" | "user"; `render_backend` is what to give ManiSkill.
+
+    `layer`: the manifest json of VK_LAYER_fake_semfd once enabled for SAPIEN 2 (else None)."""
 
     mode: str
     icd: str | None
     render_backend: str  # "gpu" (mani-skill picks the CUDA device) or "pci:0" (the Vulkan device, via the patch)
+    layer: str | None = None
+
+    @property
+    def software(self) -> bool:
+        """True when rendering runs on the CPU (Mesa lavapipe)."""
+        return self.mode == "cpu" or (self.mode == "user" and "lvp" in (self.icd or ""))
 
 
 def cache_dir() -> Path:
@@ -95,30 +110,37 @@ _SETUP: RenderSetup | None = None
 _KEEP: list = []  # handles of preloaded libraries (never unloaded)
 
 
-def ensure_cpu_rendering(auto_setup: bool = True) -> RenderSetup:
+def ensure_cpu_rendering(auto_setup: bool = True, sapien2: bool = False) -> RenderSetup:
     """Choose the renderer for this process (idempotent); for CPU rendering point VK_ICD_FILENAMES at lavapipe.
 
     auto_setup: run envs/setup_cpu_render.sh when the software driver is missing (else raise
     FileNotFoundError telling the user to run it). Call before the first ManiSkill env is built.
+    sapien2: also enable VK_LAYER_fake_semfd when the driver is lavapipe (SIMPLER / SAPIEN 2.2; call
+    before its first renderer is created, i.e. before the first SimplerEnv env is built).
     """
     global _SETUP
-    if _SETUP is not None:
-        return _SETUP
+    if _SETUP is None:
+        _SETUP = _choose(auto_setup)
+    if sapien2 and _SETUP.software and _SETUP.layer is None:
+        _SETUP = replace(_SETUP, layer=_enable_semfd_layer(auto_setup))
+    return _SETUP
+
+
+def _choose(auto_setup: bool) -> RenderSetup:
+    """The renderer decision of `ensure_cpu_rendering` (loads the driver for the CPU path)."""
     want = os.environ.get("WORLDMODEL_RENDER", "auto").lower()
     if want not in ("auto", "cpu", "gpu"):
         raise ValueError(f"WORLDMODEL_RENDER={want!r}; use auto, cpu or gpu")
     user_icd = os.environ.get("VK_ICD_FILENAMES")
     if want != "cpu" and user_icd and all(os.path.isfile(f) for f in user_icd.split(os.pathsep)):
         is_gpu = "lvp" not in user_icd and bool(gpu_vulkan_icd())
-        _SETUP = RenderSetup("user", user_icd, "gpu" if is_gpu else "pci:0")
-        return _SETUP
+        return RenderSetup("user", user_icd, "gpu" if is_gpu else "pci:0")
     gpu_icd = gpu_vulkan_icd()
     if want == "gpu" or (want == "auto" and gpu_icd):
         if not gpu_icd:
             raise FileNotFoundError("WORLDMODEL_RENDER=gpu but no NVIDIA device with a Vulkan ICD json was found in "
                                     f"{ICD_DIRS}; install the NVIDIA driver's Vulkan part or use WORLDMODEL_RENDER=cpu")
-        _SETUP = RenderSetup("gpu", gpu_icd, "gpu")
-        return _SETUP
+        return RenderSetup("gpu", gpu_icd, "gpu")
     dest = cache_dir()
     icd = dest / "lvp_icd.json"
     if not icd.is_file():
@@ -136,8 +158,37 @@ def ensure_cpu_rendering(auto_setup: bool = True) -> RenderSetup:
     # the driver. The Vulkan loader's later dlopen of the same path reuses this handle.
     _KEEP.append(ctypes.CDLL(libs[0], mode=os.RTLD_DEEPBIND | os.RTLD_LOCAL | os.RTLD_NOW))
     os.environ["VK_ICD_FILENAMES"] = str(icd)
-    _SETUP = RenderSetup("cpu", str(icd), "pci:0")
-    return _SETUP
+    return RenderSetup("cpu", str(icd), "pci:0")
+
+
+def _enable_semfd_layer(auto_setup: bool) -> str:
+    """Point the Vulkan loader at VK_LAYER_fake_semfd (built by the setup script); returns its manifest path.
+
+    Respects a layer the user enabled already (e.g. `source DEST/env.sh`). SAPIEN 2 links the system's
+    libvulkan.so.1; where the system has none, the copy the setup script unpacked is preloaded."""
+    enabled = os.environ.get("VK_INSTANCE_LAYERS", "").split(os.pathsep)
+    for d in os.environ.get("VK_LAYER_PATH", "").split(os.pathsep):
+        manifest = Path(d) / "VkLayer_fake_semfd.json" if d else None
+        if LAYER_NAME in enabled and manifest is not None and manifest.is_file():
+            return str(manifest)
+    dest = cache_dir()
+    manifest = dest / "layer" / "VkLayer_fake_semfd.json"
+    if not manifest.is_file():
+        if not auto_setup:
+            raise FileNotFoundError(f"SAPIEN 2 on lavapipe needs the Vulkan layer {LAYER_NAME} but {manifest} is "
+                                    "missing; " + SETUP_HELP.format(dest=dest) + " (it compiles the layer; needs gcc)")
+        run_setup(dest)
+        if not manifest.is_file():
+            raise FileNotFoundError(f"envs/setup_cpu_render.sh ran but did not build {manifest}; install gcc and "
+                                    "libvulkan-dev (for vulkan/vk_layer.h), then run it again")
+    layer_dirs = [str(manifest.parent)] + [d for d in os.environ.get("VK_LAYER_PATH", "").split(os.pathsep) if d]
+    os.environ["VK_LAYER_PATH"] = os.pathsep.join(layer_dirs)
+    os.environ["VK_INSTANCE_LAYERS"] = os.pathsep.join([LAYER_NAME] + [name for name in enabled if name])
+    if ctypes.util.find_library("vulkan") is None:
+        loaders = glob.glob(str(dest / "mesa" / "usr" / "lib" / "*" / "libvulkan.so.1"))
+        if loaders:
+            _KEEP.append(ctypes.CDLL(loaders[0], mode=ctypes.RTLD_GLOBAL))
+    return str(manifest)
 
 
 def maniskill_render_device(setup: RenderSetup):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Let SAPIEN 3 (ManiSkill3) render on a machine without a GPU, through Mesa's software Vulkan
-# driver (lavapipe). Nothing is installed system-wide: packages are unpacked into a cache folder and
-# an ICD json is written beside them. No root needed.
+# Let SAPIEN 3 (ManiSkill3) and SAPIEN 2.2 (SIMPLER) render on a machine without a GPU, through Mesa's
+# software Vulkan driver (lavapipe). Nothing is installed system-wide: packages are unpacked into a cache
+# folder and an ICD json is written beside them. No root needed.
 #
 #   bash envs/setup_cpu_render.sh [DEST]    # DEST: $WORLDMODEL_CPU_RENDER_DIR or ~/.cache/worldmodel/cpu-render
 #
@@ -11,7 +11,12 @@
 # features SAPIEN needs (ErrorFeatureNotPresent). Other apt systems: the distribution's own
 # mesa-vulkan-drivers (Mesa >= 23 works). Libraries the driver needs that the system lacks are
 # unpacked too. SAPIEN 3 ships its own Vulkan loader, so only VK_ICD_FILENAMES matters (no layer).
+# SAPIEN 2.2 (SIMPLER) always enables VK_KHR_external_semaphore_fd, which lavapipe lacks: the script also
+# compiles envs/vk_layer_fake_semfd.c (gcc; Vulkan headers from libvulkan-dev, unpacked here when absent)
+# into DEST/layer with its manifest; env.sh enables it (VK_LAYER_PATH, VK_INSTANCE_LAYERS) and
+# `ensure_cpu_rendering(sapien2=True)` does the same in Python. Without gcc only the layer is skipped.
 set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
 dest=${1:-${WORLDMODEL_CPU_RENDER_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/worldmodel/cpu-render}}
 die() { echo "setup_cpu_render.sh: $*" >&2; exit 1; }
 command -v apt-get >/dev/null && command -v dpkg >/dev/null || die "needs an apt system (Debian/Ubuntu). Elsewhere \
@@ -59,6 +64,45 @@ missing=$(LD_LIBRARY_PATH="$libdir" ldd "$lib" | awk '/not found/{print $1}')
 [ -z "$missing" ] || die "the driver still lacks: $missing (install the packages providing them)"
 printf '{"file_format_version": "1.0.0", "ICD": {"api_version": "1.3.0", "library_path": "%s"}}\n' "$lib" \
   >"$dest/lvp_icd.json"
-printf 'export VK_ICD_FILENAMES=%s\nexport LD_LIBRARY_PATH=%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}\n' \
-  "$dest/lvp_icd.json" "$libdir" >"$dest/env.sh"
+# The Vulkan layer for SAPIEN 2.2 (see the top). Headers: the system's, else libvulkan-dev unpacked here.
+layer_ok=0
+if command -v gcc >/dev/null; then
+  inc=()
+  if [ ! -f /usr/include/vulkan/vk_layer.h ]; then
+    if [ ! -f "$dest/vkdev/usr/include/vulkan/vk_layer.h" ]; then
+      echo "setup_cpu_render.sh: no /usr/include/vulkan/vk_layer.h; unpacking libvulkan-dev into $dest/vkdev"
+      mkdir -p "$dest/vkdev/debs" && rm -f "$dest"/vkdev/debs/*.deb
+      (cd "$dest/vkdev/debs" && apt-get "${apt_o[@]}" download libvulkan-dev 2>&1 | grep -v 'unsandboxed') || true
+      for f in "$dest"/vkdev/debs/*.deb; do [ -f "$f" ] && dpkg -x "$f" "$dest/vkdev"; done
+    fi
+    inc=(-I "$dest/vkdev/usr/include")
+  fi
+  mkdir -p "$dest/layer"
+  if gcc -shared -fPIC -O2 -fvisibility=hidden "${inc[@]}" -o "$dest/layer/libVkLayer_fake_semfd.so.tmp" \
+       "$here/vk_layer_fake_semfd.c" -lpthread; then
+    mv -f "$dest/layer/libVkLayer_fake_semfd.so.tmp" "$dest/layer/libVkLayer_fake_semfd.so"
+    printf '%s\n' '{"file_format_version": "1.1.0", "layer": {"name": "VK_LAYER_fake_semfd", "type": "GLOBAL",' \
+      " \"library_path\": \"$dest/layer/libVkLayer_fake_semfd.so\", \"api_version\": \"1.3.0\"," \
+      ' "implementation_version": "1", "description": "SAPIEN 2.2 on lavapipe: fake VK_KHR_external_semaphore_fd",' \
+      ' "device_extensions": [{"name": "VK_KHR_external_semaphore_fd", "spec_version": "1",' \
+      '   "entrypoints": ["vkGetSemaphoreFdKHR", "vkImportSemaphoreFdKHR"]}]}}' >"$dest/layer/VkLayer_fake_semfd.json"
+    layer_ok=1
+  else
+    echo "setup_cpu_render.sh: WARNING: could not compile the Vulkan layer (install libvulkan-dev); ManiSkill3 \
+renders without it, SIMPLER (SAPIEN 2.2) will not" >&2
+  fi
+else
+  echo "setup_cpu_render.sh: WARNING: no gcc, Vulkan layer for SIMPLER (SAPIEN 2.2) not built; ManiSkill3 is fine" >&2
+fi
+[ "$layer_ok" = 1 ] || rm -f "$dest/layer/VkLayer_fake_semfd.json"
+
+{
+  printf 'export VK_ICD_FILENAMES=%s\nexport LD_LIBRARY_PATH=%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}\n' \
+    "$dest/lvp_icd.json" "$libdir"
+  if [ "$layer_ok" = 1 ]; then
+    printf 'export VK_LAYER_PATH=%s${VK_LAYER_PATH:+:$VK_LAYER_PATH}\n' "$dest/layer"
+    printf 'case ":${VK_INSTANCE_LAYERS:-}:" in *:VK_LAYER_fake_semfd:*) ;; '
+    printf '*) export VK_INSTANCE_LAYERS=VK_LAYER_fake_semfd${VK_INSTANCE_LAYERS:+:$VK_INSTANCE_LAYERS};; esac\n'
+  fi
+} >"$dest/env.sh"
 echo "ready: $dest/lvp_icd.json (python: envs.cpu_render.ensure_cpu_rendering(); shell: source $dest/env.sh)"

@@ -30,19 +30,22 @@ then start this toolkit's policy server with your checkpoint from the toolkit's 
 and run the evaluator from SimplerEnv's environment against it:
     python scripts/eval_simpler.py --task move_near --policy-server localhost:8000
 No GPU? SAPIEN 2.2.2 renders on the CPU with Mesa >= 23's software Vulkan driver (lavapipe) plus a small
-Vulkan layer that hides lavapipe's missing VK_KHR_external_semaphore_fd from SAPIEN:
-    export VK_ICD_FILENAMES=/path/to/lvp_icd.json VK_LAYER_PATH=<layer dir> VK_INSTANCE_LAYERS=<layer name>
-and use the raster shader for the drawer tasks (they ray-trace by default, minutes per step on a CPU):
-    python scripts/eval_simpler.py --task open_drawer cpu_render=true
-which passes render_config=dict(camera_shader_dir="ibl", viewer_shader_dir="ibl") to the env."""
+Vulkan layer (envs/vk_layer_fake_semfd.c) that hides lavapipe's missing VK_KHR_external_semaphore_fd:
+    bash envs/setup_cpu_render.sh        # once: unpacks lavapipe, compiles the layer (no root)
+The backend then enables both by itself when the machine has no GPU Vulkan driver (or `source <cache>/env.sh`),
+and with cpu_render=auto (the default) the drawer tasks use the raster "ibl" shader instead of ray tracing
+(minutes per step on a CPU); the results' meta records that those images are not the official ray-traced ones."""
 
 RENDER_HELP = ("SAPIEN could not render ({err}). Check the Vulkan setup: VK_ICD_FILENAMES must point at a working "
                "ICD json (an NVIDIA driver's nvidia_icd.json on a GPU machine, or Mesa lavapipe's lvp_icd.*.json "
-               "for CPU rendering), the ICD's library must load (`vulkaninfo --summary`), and on CPU the drawer "
-               "tasks need cpu_render=true (raster 'ibl' shader instead of ray tracing).")
+               "for CPU rendering, see `bash envs/setup_cpu_render.sh`), the ICD's library must load (`vulkaninfo "
+               "--summary`), and on CPU the drawer tasks need cpu_render=auto|true (raster 'ibl', not ray tracing).")
 SEMFD_HELP = (" 'ErrorExtensionNotPresent' on Mesa lavapipe means SAPIEN 2.2.2 asked for VK_KHR_external_semaphore_fd, "
-              "which lavapipe lacks: load a Vulkan layer that strips that extension from vkCreateDevice "
-              "(VK_LAYER_PATH=<dir of its json>, VK_INSTANCE_LAYERS=<its name>) before starting Python.")
+              "which lavapipe lacks: the layer VK_LAYER_fake_semfd must be active (run `bash "
+              "envs/setup_cpu_render.sh`, then `source <its folder>/env.sh`, or let the backend enable it: it must "
+              "happen before the first SAPIEN renderer of the process).")
+RT_NOTE = ("raster 'ibl' shader for the ray-traced (drawer) tasks: their images are not the official ray-traced ones, "
+           "so drawer success rates are not comparable to published numbers")
 
 
 def import_simpler():
@@ -89,6 +92,47 @@ def overlay_candidates(rel: str) -> list[Path]:
 def software_vulkan() -> bool:
     """True when VK_ICD_FILENAMES selects Mesa's software driver (lavapipe), i.e. SAPIEN renders on the CPU."""
     return any("lvp" in Path(f).name for f in os.environ.get("VK_ICD_FILENAMES", "").split(os.pathsep) if f)
+
+
+def parse_cpu_render(value: Any) -> bool | str:
+    """cpu_render setting -> True | False | "auto" (auto = raster shader exactly when rendering is software)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("auto", "true", "false"):
+        return {"auto": "auto", "true": True, "false": False}[text]
+    raise ValueError(f"cpu_render={value!r}; use auto (raster shader when rendering on the CPU), true or false")
+
+
+def prepare_rendering():
+    """Pick SAPIEN 2's Vulkan driver for this process before its first renderer (see envs/cpu_render.py).
+
+    No GPU Vulkan driver: Mesa lavapipe from `bash envs/setup_cpu_render.sh` (run automatically when missing)
+    plus the VK_LAYER_fake_semfd layer SAPIEN 2.2 needs there. Returns the `RenderSetup`. Call it before
+    `import sapien`: SAPIEN 2's import sets VK_ICD_FILENAMES to every json in /usr/share/vulkan/icd.d when
+    unset; that value (recognised exactly) is dropped here so it does not pass for the user's choice."""
+    from envs.cpu_render import ensure_cpu_rendering
+
+    icd_dir = "/usr/share/vulkan/icd.d"
+    if os.path.isdir(icd_dir) and os.environ.get("VK_ICD_FILENAMES") == ":".join(
+            os.path.join(icd_dir, f) for f in os.listdir(icd_dir)):
+        del os.environ["VK_ICD_FILENAMES"]
+    return ensure_cpu_rendering(sapien2=True)
+
+
+def describe_render(cpu_render: bool | str) -> dict[str, Any]:
+    """What rendering an evaluation uses (for the results meta); resolves cpu_render="auto" on this machine."""
+    import importlib.util
+
+    if importlib.util.find_spec("simpler_env") is None:  # fail with install help before any driver setup
+        import_simpler()
+    setup = prepare_rendering()
+    software = setup.software or software_vulkan()
+    raster = software if cpu_render == "auto" else bool(cpu_render)
+    return {"cpu_render": raster, "software_vulkan": software, "vulkan_icd": setup.icd,
+            "official_images": not raster,
+            "note": (("software Vulkan (Mesa lavapipe); " if software else "") + RT_NOTE) if raster
+            else "official shaders (ray tracing for the drawer tasks)"}
 
 
 def _as_arrays(opts: Any) -> Any:
@@ -158,14 +202,21 @@ class SimplerBackend:
     reuse_env: keep one env per (env_id, make kwargs) and reset it per episode (SimplerEnv builds a new
         one per episode; reset with the episode's options re-places robot and objects, and saves the
         7-9 s build on CPU). False builds a fresh env for every episode, exactly as the scripts do.
-    cpu_render: raster "ibl" shader instead of ray tracing (drawer tasks), for software Vulkan.
+    cpu_render: raster "ibl" shader instead of ray tracing for the ray-traced (drawer) tasks; "auto" (default)
+        = exactly when rendering is software (Mesa lavapipe). Images then differ from the official ones.
+    Before the first env is built, `prepare_rendering()` selects the Vulkan driver (lavapipe + layer without a GPU).
     """
 
     name = "simpler"
 
-    def __init__(self, reuse_env: bool = True, cpu_render: bool = False):
-        self.reuse_env, self.cpu_render = reuse_env, cpu_render
+    def __init__(self, reuse_env: bool = True, cpu_render: bool | str = "auto"):
+        self.reuse_env, self.cpu_render = reuse_env, parse_cpu_render(cpu_render)
         self._cache: dict[str, Any] = {}
+
+    @property
+    def raster(self) -> bool:
+        """Whether ray-traced tasks are switched to the raster 'ibl' shader (cpu_render resolved)."""
+        return software_vulkan() if self.cpu_render == "auto" else bool(self.cpu_render)
 
     def check(self) -> None:
         """Fail early (before workers start) when SimplerEnv is not importable."""
@@ -189,22 +240,24 @@ class SimplerBackend:
                                         "SIMPLER_ENV_ROOT to that repository, or MS2_REAL2SIM_ASSET_DIR to "
                                         "ManiSkill2_real2sim/data)")
             kw["rgb_overlay_path"] = str(found[0])
-        if self.cpu_render:
+        if kw.get("shader_dir") == "rt" and self.raster:
             kw["render_config"] = dict(camera_shader_dir="ibl", viewer_shader_dir="ibl")
         elif kw.get("shader_dir") == "rt" and software_vulkan():
             warnings.warn(f"{spec.env_id} ray-traces (shader_dir='rt') on a software Vulkan driver "
-                          f"({os.environ.get('VK_ICD_FILENAMES')}): minutes per step on a CPU; pass cpu_render=true "
+                          f"({os.environ.get('VK_ICD_FILENAMES')}): minutes per step on a CPU; pass cpu_render=auto "
                           "to use the raster 'ibl' shader (images then differ from the official protocol's)",
                           RuntimeWarning, stacklevel=2)
         return kw
 
     def make(self, spec: EpisodeSpec, **options: Any) -> SimplerSession:
-        """Build (or reuse) the env of `spec`; options `cpu_render` / `reuse_env` override the constructor's."""
-        unknown = set(options) - {"cpu_render", "reuse_env"}
+        """Build (or reuse) the env of `spec`; options `cpu_render` / `reuse_env` override the constructor's
+        (`render`, the `describe_render` record that goes into the results meta, is informational only)."""
+        unknown = set(options) - {"cpu_render", "reuse_env", "render"}
         if unknown:
-            raise ValueError(f"unknown SIMPLER backend options {sorted(unknown)}; known: cpu_render, reuse_env")
-        self.cpu_render = bool(options.get("cpu_render", self.cpu_render))
+            raise ValueError(f"unknown SIMPLER backend options {sorted(unknown)}; known: cpu_render, reuse_env, render")
+        self.cpu_render = parse_cpu_render(options.get("cpu_render", self.cpu_render))
         self.reuse_env = bool(options.get("reuse_env", self.reuse_env))
+        prepare_rendering()  # before importing SAPIEN: lavapipe + layer when there is no GPU
         build_env, get_image = import_simpler()
         kw = self.make_kwargs(spec)
         key = repr((spec.env_id, sorted(kw.items(), key=lambda kv: kv[0])))

@@ -109,7 +109,11 @@ def _backend_options(cfg) -> dict:
     from envs.backend import get_task
 
     if get_task(cfg.task).backend == "simpler":
-        return {"cpu_render": bool(cfg.cpu_render), "reuse_env": bool(cfg.reuse_env)}
+        from envs.simpler_backend import describe_render, parse_cpu_render
+
+        # cpu_render=auto is resolved here, once, and what the images are is recorded in the results meta.
+        render = describe_render(parse_cpu_render(cfg.cpu_render))
+        return {"cpu_render": render["cpu_render"], "reuse_env": bool(cfg.reuse_env), "render": render}
     return {}
 
 
