@@ -14,11 +14,12 @@ import torch
 from torch import Tensor, nn
 
 from worldmodel.action_modes import WindowLayout, build_sequence, draw_mode
+from worldmodel.trainer import BackboneTask
 
 log = logging.getLogger(__name__)
 
 
-class FinetuneTask:
+class FinetuneTask(BackboneTask):
     """The Trainer's task for video-action fine-tuning on windows of an RT-1-schema dataset."""
 
     def __init__(
@@ -39,12 +40,6 @@ class FinetuneTask:
         self.make_loader, self.geometry, self.mode_probs = make_loader, geometry, dict(mode_probs)
         self.instruction_dropout, self.seed, self.accum_steps = instruction_dropout, seed, accum_steps
         draw_mode(self.mode_probs, torch.Generator().manual_seed(0))  # validate the mode names now
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model, "objective": self.objective, "text_encoder": self.text_encoder}
-
-    def ema_target(self) -> str:
-        return "model"
 
     def batches(self, start_step: int, rank: int, world_size: int):
         micro = start_step * self.accum_steps

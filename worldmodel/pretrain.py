@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from worldmodel.data import collate
 from worldmodel.tokens import TokenSequence
+from worldmodel.trainer import BackboneTask
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def collate_media(samples: list[dict], modality: str) -> dict:
     return batch
 
 
-class PretrainTask:
+class PretrainTask(BackboneTask):
     """The Trainer's task for multi-modal pretraining (model + projector + text encoder are trained)."""
 
     def __init__(
@@ -73,12 +74,6 @@ class PretrainTask:
             raise ValueError("pretraining needs at least one modality with prob > 0 (see `modalities` in the config)")
         self.model, self.objective, self.text_encoder = model, objective, text_encoder
         self.streams, self.caption_dropout, self.seed, self.accum_steps = streams, caption_dropout, seed, accum_steps
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model, "objective": self.objective, "text_encoder": self.text_encoder}
-
-    def ema_target(self) -> str:
-        return "model"
 
     def batches(self, start_step: int, rank: int, world_size: int):
         micro = start_step * self.accum_steps

@@ -50,6 +50,21 @@ class TrainingTask(Protocol):
         """(scalar loss, float metrics) of one micro-batch; ``ema`` is the EMA copy (teacher) or None."""
 
 
+class BackboneTask:
+    """Base of the pretraining and fine-tuning tasks: backbone + objective (projector) + text encoder,
+    with the backbone tracked by EMA (the Self-Flow teacher and the inference weights)."""
+
+    model: nn.Module
+    objective: nn.Module
+    text_encoder: nn.Module
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model, "objective": self.objective, "text_encoder": self.text_encoder}
+
+    def ema_target(self) -> str:
+        return "model"
+
+
 @dataclass
 class TrainerConfig:
     """Optimisation and bookkeeping (mirrors the Hydra group configs/trainer)."""
