@@ -123,6 +123,8 @@ def run_episode(backend, policy, spec: EpisodeSpec, cfg: EvalConfig) -> EpisodeR
         instruction = rec.instruction = obs.instruction
         is_final = session.is_final_subtask
         policy.reset(instruction)
+        if spec.seed is not None and hasattr(policy, "reseed"):  # reproducible sampling noise per episode
+            policy.reseed(int(spec.seed))
         rec.setup_time_s = time.perf_counter() - t0
         image = obs.image
         frames, instrs = [image], [instruction]

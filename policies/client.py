@@ -156,6 +156,10 @@ class RemotePolicy(ChunkedPolicy):
         self.seed = seed
         self.n_requests, self.last_timing = 0, {}
 
+    def reseed(self, seed: int) -> None:
+        """Seed this episode's requests: request n is sampled with seed * 100_003 + n."""
+        self.seed, self.n_requests = int(seed) * 100_003, 0
+
     def reset(self, instruction: str | None = None) -> None:
         """Start an episode: drop frames and queued/ensembled actions, and reset the server-side policy."""
         super().reset(instruction)

@@ -143,8 +143,16 @@ class SelfFlowPolicy(ChunkedPolicy):
         raw = self.normalizer.unnormalize(actions[0].float().cpu().numpy())  # (H, 7)
         return np.concatenate([raw, terminate[0].float().cpu().numpy()[:, None]], axis=1)
 
+    def reseed(self, seed: int) -> None:
+        """Seed this episode's sampling noise (chunk n uses seed * 100_003 + n); the evaluator calls it per episode."""
+        self._episode_seed, self._chunks = int(seed), 0
+
     def _query(self, frames: np.ndarray, instruction: str) -> np.ndarray:
-        return self._sample_chunk(self._context(frames), instruction, self.seed)
+        seed = self.seed
+        if seed is None and getattr(self, "_episode_seed", None) is not None:
+            seed = self._episode_seed * 100_003 + self._chunks
+            self._chunks += 1
+        return self._sample_chunk(self._context(frames), instruction, seed)
 
     def predict_action_chunk(self, observation: dict) -> dict:
         """{"image": (H, W, 3) | (T, H, W, 3) uint8, "instruction", "seed"?} -> {"actions" (H, 7), "terminate" (H,)}.
@@ -181,6 +189,7 @@ class SelfFlowPolicy(ChunkedPolicy):
     def reset(self, instruction: str | None = None) -> None:
         super().reset(instruction)
         self._row_queues = []
+        self._episode_seed = None
 
     @torch.no_grad()
     def imagine(self, image: np.ndarray, instruction: str, actions: np.ndarray | None = None, steps: int = 20,
