@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from worldmodel.data.procedural_images import checked_index
+
 PITCHES = ("A", "A#", "B", "C", "C#", "D", "D#", "E", "F", "F#", "G", "G#")  # semitones above A3 (220 Hz)
 CHORDS = {"single": (0,), "major": (0, 4, 7), "minor": (0, 3, 7), "fifth": (0, 7, 12)}  # semitone offsets
 CHORD_NAMES = tuple(CHORDS)
@@ -70,10 +72,7 @@ class ProceduralAudio(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> dict:
-        if index < 0:
-            index += self.length
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for ProceduralAudio of length {self.length}")
+        index = checked_index(index, self.length, "ProceduralAudio")
         rng = np.random.default_rng([self.seed, 0xA0D10, index])
         pitch, chord = int(rng.integers(len(PITCHES))), int(rng.integers(len(CHORDS)))
         timbre, rhythm = int(rng.integers(len(TIMBRES))), int(rng.integers(len(RHYTHMS)))

@@ -33,6 +33,15 @@ REGIONS = tuple(
     for r in ROWS for c in COLS
 )  # 9 names, index = 3 * row + col
 
+def checked_index(index: int, length: int, name: str) -> int:
+    """``index`` wrapped once for negatives and bounds-checked (IndexError naming the dataset)."""
+    if index < 0:
+        index += length
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for {name} of length {length}")
+    return index
+
+
 
 def region_index(x: float, y: float) -> int:
     """3x3 region of a point in [0, 1]^2 (x to the right, y downwards): 3 * row + col."""
@@ -147,10 +156,7 @@ class ProceduralImages(Dataset):
         }
 
     def __getitem__(self, index: int) -> dict:
-        if index < 0:
-            index += self.length
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for ProceduralImages of length {self.length}")
+        index = checked_index(index, self.length, "ProceduralImages")
         p = self.params(index)
         s = self.size
         canvas = background(p["rng"], s, s)

@@ -17,6 +17,7 @@ from worldmodel.data.procedural_images import (
     SHAPES,
     TEXTURES,
     background,
+    checked_index,
     object_phrase,
     render_object,
     to_signed,
@@ -64,10 +65,7 @@ class ProceduralVideos(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> dict:
-        if index < 0:
-            index += self.length
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for ProceduralVideos of length {self.length}")
+        index = checked_index(index, self.length, "ProceduralVideos")
         rng = np.random.default_rng([self.seed, 0x51DE0, index])
         shape, colour, texture = int(rng.integers(len(SHAPES))), int(rng.integers(len(COLOURS))), int(rng.integers(2))
         direction = int(rng.integers(len(DIRECTIONS)))
