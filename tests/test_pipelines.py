@@ -108,3 +108,12 @@ def test_config_typos_are_named():
         config("pretrain", ["trainer.max_step=3"])
     with pytest.raises(Exception, match="modell|model"):
         config("pretrain", ["model=tiniest"])
+
+
+@pytest.mark.parametrize("objective", ["selfflow", "flow_matching"])
+def test_finetuning_trains_actions_at_noisier_times_with_either_objective(objective):
+    from worldmodel.builders import selfflow_config
+
+    sf = selfflow_config(config("finetune_rt1", [f"objective={objective}"]).objective, 0.999, True)
+    assert sf.modality_shift == {"action": 7.4} and sf.enabled == (objective == "selfflow")
+    assert selfflow_config(config("pretrain", [f"objective={objective}"]).objective, 0.999, True).modality_shift == {}

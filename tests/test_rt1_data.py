@@ -14,6 +14,7 @@ from worldmodel.data.rt1_reader import RT1Windows, collate_rt1, shard_plan, spli
 from worldmodel.data.rt1_schema import check_rt1_schema, flatten_features, rt1_features  # noqa: E402
 from worldmodel.data.rt1_synthetic import (  # noqa: E402
     COLORS,
+    SPEED_PX,
     ensure_embedded_sample,
     make_synthetic_episodes,
     world_delta_to_pixels,
@@ -173,19 +174,30 @@ def test_synthetic_actions_follow_frames(episodes):
         assert color in COLORS
         assert np.any(np.all(frames[0] == COLORS[color], -1))  # the named block is visible
         target = ep["target_rc"]
-        moves = 0
+        moves, lengths = 0, []
         for t in range(len(frames) - 1):
             motion = _gripper_centre(frames[t + 1]) - _gripper_centre(frames[t])  # (row, col) pixels
             if wv[t, 2] == 0 and np.abs(wv[t, :2]).max() > 0:
                 moves += 1
                 np.testing.assert_allclose(motion, world_delta_to_pixels(wv[t]), atol=1.01)
+                lengths.append(np.linalg.norm(world_delta_to_pixels(wv[t])))
                 if np.linalg.norm(motion) > 3:  # (sub-pixel moves round away in the rendering)
                     to_target = target - _gripper_centre(frames[t])
                     assert np.dot(motion, to_target) > 0  # moves toward the named block
-        assert moves >= 5
+        assert moves >= 4
+        assert np.all(np.abs(np.array(lengths[:-1]) - SPEED_PX) < 5)  # constant speed until the last move
         assert ep["actions"]["gripper_closedness_action"][-2, 0] == 1.0  # closes once there
         assert ep["actions"]["terminate_episode"][-1] and not ep["actions"]["terminate_episode"][:-1].any()
-        assert 8 <= len(frames) <= 16
+        assert 6 <= len(frames) <= 16
+
+
+def test_synthetic_block_count():
+    for blocks in (1, 4):
+        ep = make_synthetic_episodes(2, steps=16, seed=0, blocks=blocks)[0]
+        drawn = [c for c, rgb in COLORS.items() if np.any(np.all(ep["frames"][0] == rgb, -1))]
+        assert len(drawn) == blocks and ep["instruction"].split()[-2] in drawn
+    with pytest.raises(ValueError, match="blocks must be between 1 and 4"):
+        make_synthetic_episodes(1, blocks=5)
 
 
 def test_embedded_sample_cached(tmp_path, capsys):

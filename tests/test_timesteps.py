@@ -108,3 +108,24 @@ def test_mask_ratio_per_modality():
     assert torch.equal(dual.tau_student[:, 3:], s.expand(-1, 2))  # actions always masked
     with pytest.raises(ValueError, match="no entry for 'action'"):
         dual_timestep(_seq(2), SelfFlowConfig(mask_ratio={"image": 0.2}))
+
+
+def test_modality_shift_moves_only_that_modality():
+    dist = DISTS[2]
+    cfg = SelfFlowConfig(timesteps=dist, modality_shift={"action": 4.0})
+    seq = _seq(8000, tau_other=1.0)  # token 0 absent, tokens 1-2 images, 3-4 actions
+    dual = dual_timestep(seq, cfg, torch.Generator().manual_seed(4))
+    shifted = TimestepDistribution(dist.kind, dist.mean, dist.std, shift=4.0)
+    assert _ks(dual.tau_student[:, 1], dist) > 0.01 and _ks(dual.tau_student[:, 4], shifted) > 0.01
+    assert _ks(dual.tau_student[:, 4], dist) < 1e-6  # the KS test can tell the two apart
+    # Six levels [0, 1, t, s, t', s'] still factorise the student and (lower-noise) teacher times exactly.
+    assert dual.time_levels.shape == (8000, 6)
+    assert torch.equal(dual.time_levels.gather(1, dual.time_index), dual.tau_student)
+    assert torch.equal(dual.time_levels.gather(1, teacher_time_index(dual, seq.loss_mask)), dual.tau_teacher)
+    assert (dual.tau_teacher <= dual.tau_student + 1e-7).all()
+    # A layout without actions ignores the action shift; bad names and values are refused.
+    assert dual_timestep(_seq(4, layout=(("image", 3),)), cfg).time_levels.shape == (4, 4)
+    with pytest.raises(ValueError, match="unknown modality 'smell'"):
+        SelfFlowConfig(modality_shift={"smell": 2.0})
+    with pytest.raises(ValueError, match="must be > 0"):
+        SelfFlowConfig(modality_shift={"action": 0.0})

@@ -52,7 +52,8 @@ def selfflow_config(objective_cfg, ema_decay: float, ema_warmup: bool) -> SelfFl
         raise ValueError(f"unknown objective {name!r}; use objective=selfflow or objective=flow_matching")
     timesteps = TimestepDistribution(**cfg.pop("timesteps", {}))
     common = dict(timesteps=timesteps, ema_decay=ema_decay, ema_warmup=ema_warmup,
-                  student_block=cfg.pop("student_block", None), teacher_block=cfg.pop("teacher_block", None))
+                  student_block=cfg.pop("student_block", None), teacher_block=cfg.pop("teacher_block", None),
+                  modality_shift=dict(cfg.pop("modality_shift", None) or {}))
     if name == "flow_matching":
         return SelfFlowConfig.plain_flow_matching(**common)
     return SelfFlowConfig(mask_ratio=cfg.pop("mask_ratio"), gamma=float(cfg.pop("gamma")), **common)

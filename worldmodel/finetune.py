@@ -147,7 +147,8 @@ def run_finetuning(cfg, output_dir) -> dict:
         log.info("initialised from %s; new (untrained) tensors: %s", cfg.init_from, left)
 
     d = cfg.data
-    data_dir = d.rt1_dir or ensure_embedded_sample(num_episodes=int(d.synthetic_episodes), steps=int(d.synthetic_steps))
+    data_dir = d.rt1_dir or ensure_embedded_sample(num_episodes=int(d.synthetic_episodes), steps=int(d.synthetic_steps),
+                                                  blocks=int(d.get("synthetic_blocks", 3)))
     run_cfg["data"]["resolved_dir"] = str(data_dir)
     normalizer = load_or_compute_stats(data_dir, eval_fraction=float(d.eval_fraction))
     geometry = WindowLayout(int(d.context_frames), int(d.future_frames), int(d.frame_stride), int(d.horizon))

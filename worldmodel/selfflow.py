@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worldmodel.timesteps import TimestepDistribution
+from worldmodel.timesteps import TimestepDistribution, shift_time
 from worldmodel.tokens import MODALITIES, TokenSequence, channel_mask, segment_slices
 
 # Mask ratio for actions: 0.25 (same as images). Action chunks are short (about 16 tokens), so a
@@ -43,6 +43,10 @@ class SelfFlowConfig:
     student_block: int | None = None  # 0-based block l; None = round(0.3 * depth) - 1
     teacher_block: int | None = None  # 0-based block k; None = round(0.7 * depth) - 1
     timesteps: TimestepDistribution = field(default_factory=TimestepDistribution)  # p(t) for t and s
+    # Extra time shift per modality on top of ``timesteps``: tokens of modality m get shift_time(t, a_m) (and
+    # shift_time(s, a_m)). a > 1 trains more at noisy times, where the answer must come from the context: pi0
+    # does this for actions, whose few channels are otherwise denoised from the noisy input itself.
+    modality_shift: dict[str, float] = field(default_factory=dict)
     ema_decay: float = 0.9999  # teacher EMA decay
     # EMA warmup: decay_n = min(decay, (1 + n) / (10 + n)). With 0.9999 and no warmup the teacher
     # stays at the random init for ~10k steps, which makes short runs (tests, fine-tunes) meaningless.
@@ -61,6 +65,12 @@ class SelfFlowConfig:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if isinstance(self.timesteps, dict):  # from a Hydra/JSON config
             self.timesteps = TimestepDistribution(**self.timesteps)
+        for modality, shift in self.modality_shift.items():
+            if modality not in MODALITIES:
+                raise ValueError(f"modality_shift names unknown modality {modality!r}; valid ones: {MODALITIES}")
+            if not float(shift) > 0:
+                raise ValueError(f"modality_shift[{modality!r}] = {shift} must be > 0 (1.0 = no extra shift)")
+        self.modality_shift = {m: float(a) for m, a in self.modality_shift.items() if float(a) != 1.0}
 
     @classmethod
     def plain_flow_matching(cls, **overrides) -> SelfFlowConfig:
@@ -93,8 +103,11 @@ class SelfFlowConfig:
 class DualTimestep(NamedTuple):
     tau_student: Tensor  # (B, N) s on masked loss tokens, t on the other loss tokens, seq.tau elsewhere
     tau_teacher: Tensor  # (B, N) min(t, s) on loss tokens, seq.tau elsewhere
-    time_levels: Tensor | None  # (B, 4) [0, 1, t, s]; None if non-loss tokens carry times other than 0/1
+    # (B, 4 + 2K) [0, 1, t, s, then (t, s) shifted for each of the K modalities with a modality_shift];
+    # None if non-loss tokens carry times other than 0 / 1.
+    time_levels: Tensor | None
     time_index: Tensor | None  # (B, N) long, tau_student == time_levels.gather(1, time_index)
+    level_offset: Tensor | None = None  # (N,) long, 2k for the k-th shifted modality's tokens, else 0
 
 
 def _mask_ratios(layout, config: SelfFlowConfig, device) -> Tensor:
@@ -110,18 +123,27 @@ def dual_timestep(seq: TokenSequence, config: SelfFlowConfig, generator: torch.G
     ratio = _mask_ratios(seq.layout, config, device)  # (N,)
     masked = torch.rand(seq.tau.shape, generator=generator, device=device) < ratio  # (B, N)
     loss = seq.loss_mask
-    tau_student = torch.where(loss, torch.where(masked, s[:, None], t[:, None]), seq.tau)  # (B, N)
-    tau_teacher = torch.where(loss, torch.minimum(t, s)[:, None], seq.tau)  # (B, N)
+    shifted = [m for m in config.modality_shift if any(name == m for name, _ in seq.layout)]
+    token_shift = torch.cat([torch.full((n,), config.modality_shift.get(m, 1.0), device=device)
+                             for m, n in seq.layout])  # (N,)
+    t_tok, s_tok = shift_time(t[:, None], token_shift), shift_time(s[:, None], token_shift)  # (B, N)
+    tau_student = torch.where(loss, torch.where(masked, s_tok, t_tok), seq.tau)  # (B, N)
+    # A shift is monotone, so min(t, s) shifted is the shifted min: the teacher stays at the lower noise.
+    tau_teacher = torch.where(loss, torch.minimum(t_tok, s_tok), seq.tau)  # (B, N)
 
-    # Level factorisation [0, 1, t, s]; only valid if every non-loss token is clean (0) or absent (1).
+    # Level factorisation; only valid if every non-loss token is clean (0) or absent (1).
     # One host sync here (training only; the sampler loop does not call this).
     other = seq.tau[~loss]
     if bool(((other == 0) | (other == 1)).all()):
         zeros, ones = torch.zeros_like(t), torch.ones_like(t)
-        levels = torch.stack([zeros, ones, t, s], dim=1).to(seq.tau.dtype)  # (B, 4)
+        extra = [v for m in shifted for v in (shift_time(t, config.modality_shift[m]),
+                                              shift_time(s, config.modality_shift[m]))]
+        levels = torch.stack([zeros, ones, t, s, *extra], dim=1).to(seq.tau.dtype)  # (B, 4 + 2K)
+        offset = torch.cat([torch.full((n,), 2 * (shifted.index(m) + 1) if m in shifted else 0, device=device)
+                            for m, n in seq.layout])  # (N,)
         base = (seq.tau == 1).long()  # (B, N) 0 -> level 0, 1 -> level 1
-        index = torch.where(loss, torch.where(masked, 3, 2), base)  # (B, N)
-        return DualTimestep(tau_student, tau_teacher, levels, index)
+        index = torch.where(loss, torch.where(masked, 3, 2) + offset, base)  # (B, N)
+        return DualTimestep(tau_student, tau_teacher, levels, index, offset)
     return DualTimestep(tau_student, tau_teacher, None, None)
 
 
@@ -130,7 +152,8 @@ def teacher_time_index(dual: DualTimestep, loss_mask: Tensor) -> Tensor | None:
     if dual.time_levels is None:
         return None
     lower = torch.where(dual.time_levels[:, 2] <= dual.time_levels[:, 3], 2, 3)  # (B,)
-    return torch.where(loss_mask, lower[:, None], dual.time_index)
+    offset = dual.level_offset if dual.level_offset is not None else 0
+    return torch.where(loss_mask, lower[:, None] + offset, dual.time_index)
 
 
 class Projector(nn.Module):

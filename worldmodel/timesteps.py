@@ -15,9 +15,9 @@ from torch import Tensor
 KINDS = ("uniform", "logit_normal")
 
 
-def shift_time(t: Tensor, shift: float) -> Tensor:
-    """Apply t' = a t / (1 + (a - 1) t); a = 1 is the identity, a > 1 favours noisy times."""
-    if shift == 1.0:
+def shift_time(t: Tensor, shift: float | Tensor) -> Tensor:
+    """Apply t' = a t / (1 + (a - 1) t); a = 1 is the identity, a > 1 favours noisy times (a may be a tensor)."""
+    if not isinstance(shift, Tensor) and shift == 1.0:
         return t
     return shift * t / (1.0 + (shift - 1.0) * t)
 

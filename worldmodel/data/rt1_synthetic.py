@@ -5,10 +5,11 @@ copy of ``fractal20220817_data/0.1.0`` for the real thing.
 
 Each episode is a rendered table top (256x320) with three coloured blocks and a black square gripper
 (hollow = open, filled = closed). The instruction names one block ("move the gripper to the red block").
-Per step the gripper moves a fixed fraction of the way to the target (proportional control, so the action
-depends only on the current frame and the instruction), then lowers and closes, then terminates:
+Per step the gripper moves toward the target at a constant speed (the last move lands on it), so the
+action depends only on the current frame and the instruction; then it lowers and closes, then terminates:
 
-    move steps   world_vector = GAIN * (target - gripper) in metres (+ small noise), gripper action 0
+    move steps   world_vector = min(SPEED_PX, distance) * unit(target - gripper) in metres (+ small noise),
+                 gripper action 0
     close step   world_vector = (0, 0, -LOWER_M), gripper_closedness_action = +1 (close)
     last step    terminate_episode = 1, world_vector = 0, gripper +1 (held closed)
 
@@ -33,10 +34,11 @@ from worldmodel.data.rt1_schema import IMAGE_SHAPE, NAME, VERSION
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1  # bump when the rendering or the action rule changes (changes the cache key)
+GENERATOR_VERSION = 2  # bump when the rendering or the action rule changes (changes the cache key)
 METRES_PER_PX = 0.002  # 2 mm per pixel
-GAIN = 0.22  # fraction of the remaining offset moved per step (episodes of about 12-18 steps)
-REACHED_PX = 6.0  # the gripper counts as at the target within this distance
+SPEED_PX = 24.0  # distance moved per step (px); short episodes move faster (see make_synthetic_episodes)
+REACHED_PX = 4.0  # the gripper counts as at the target within this distance
+MIN_START_PX = 110.0  # the gripper starts at least this far from the target (px)
 LOWER_M = 0.05  # z displacement of the closing step
 NOISE_PX = 1.0  # std of the action noise (pixels), applied to the executed motion too
 BLOCK = 44  # block side (px)
@@ -97,20 +99,23 @@ def _place(rng: np.random.Generator, n: int, margin: int) -> list[np.ndarray]:
             return pts
 
 
-def make_episode(rng: np.random.Generator, max_steps: int = 24, gain: float = GAIN) -> dict:
+def make_episode(rng: np.random.Generator, max_steps: int = 24, speed: float = SPEED_PX, blocks: int = 3) -> dict:
     """One episode dict in the rt1_writer format (frames, instruction, actions, observation).
 
+    ``blocks`` coloured blocks (1 to 4) lie on the table; the instruction names one of them.
     The start is placed so the gripper reaches the target within ``max_steps`` (move steps + close + terminate).
     """
+    if not 1 <= blocks <= len(COLORS):
+        raise ValueError(f"blocks must be between 1 and {len(COLORS)} (one per colour), got {blocks}")
     H, W = IMAGE_SHAPE[:2]
-    names = list(rng.choice(list(COLORS), size=3, replace=False))
-    centres = _place(rng, 3, BLOCK)
-    target_i = int(rng.integers(3))
+    names = list(rng.choice(list(COLORS), size=blocks, replace=False))
+    centres = _place(rng, blocks, BLOCK)
+    target_i = int(rng.integers(blocks))
     target = centres[target_i]
-    reach = (REACHED_PX - 2) / (1 - gain) ** (max_steps - 3)  # farthest start that converges in time
+    reach = speed * (max_steps - 3) - 3 * NOISE_PX  # farthest start reached in time (move steps + close + terminate)
     while True:  # start the gripper far from the target, but reachable
         grip = rng.uniform([GRIPPER, GRIPPER], [H - GRIPPER, W - GRIPPER])
-        if min(110, reach / 2) < np.linalg.norm(grip - target) < reach:
+        if min(MIN_START_PX, reach / 2) < np.linalg.norm(grip - target) < reach:
             break
     shade = int(rng.integers(-15, 16))
     blocks = list(zip(names, centres))
@@ -134,7 +139,9 @@ def make_episode(rng: np.random.Generator, max_steps: int = 24, gain: float = GA
             grip_act.append(1.0)
             closed, phase = True, "done"
         else:
-            step_px = gain * (target - grip) + rng.normal(0, NOISE_PX, 2)  # (row, col)
+            offset = target - grip  # (row, col)
+            distance = np.linalg.norm(offset)
+            step_px = offset * min(1.0, speed / distance) + rng.normal(0, NOISE_PX, 2)
             new = np.clip(grip + step_px, GRIPPER / 2, [H - GRIPPER / 2, W - GRIPPER / 2])
             moved = new - grip  # the executed motion (row, col), equal to step_px unless clipped
             grip = new
@@ -160,13 +167,14 @@ def make_episode(rng: np.random.Generator, max_steps: int = 24, gain: float = GA
     }
 
 
-def make_synthetic_episodes(num_episodes: int = 48, steps: int = 24, seed: int = 0) -> list[dict]:
-    """``num_episodes`` episodes of at most ``steps`` steps (about 12-18 each), reproducible from ``seed``."""
+def make_synthetic_episodes(num_episodes: int = 48, steps: int = 24, seed: int = 0, blocks: int = 3) -> list[dict]:
+    """``num_episodes`` episodes of at most ``steps`` steps (about 12-18 each) with ``blocks`` blocks each,
+    reproducible from ``seed``."""
     if num_episodes < 1 or steps < 3:
         raise ValueError(f"need num_episodes >= 1 and steps >= 3, got {num_episodes}, {steps}")
     rng = np.random.default_rng(seed)
-    gain = max(GAIN, 1 - ((REACHED_PX - 2) / 260) ** (1 / (steps - 3)))  # short episodes need a faster approach
-    return [make_episode(rng, steps, gain) for _ in range(num_episodes)]
+    speed = max(SPEED_PX, 2 * MIN_START_PX / (steps - 3))  # short episodes need a faster approach
+    return [make_episode(rng, steps, speed, blocks) for _ in range(num_episodes)]
 
 
 def default_cache_dir() -> Path:
@@ -176,7 +184,7 @@ def default_cache_dir() -> Path:
 
 
 def ensure_embedded_sample(cache_dir: str | Path | None = None, num_episodes: int = 48, steps: int = 24,
-                           seed: int = 0, quiet: bool = False) -> Path:
+                           seed: int = 0, quiet: bool = False, blocks: int = 3) -> Path:
     """The synthetic sample's version directory (for RT1Windows), generated once per settings and reused.
 
     Written to a temporary directory beside the cache entry and renamed into place, so a crash or a
@@ -187,6 +195,8 @@ def ensure_embedded_sample(cache_dir: str | Path | None = None, num_episodes: in
     if not quiet:
         print(WARNING, file=sys.stderr, flush=True)
     settings = {"generator": GENERATOR_VERSION, "episodes": num_episodes, "steps": steps, "seed": seed}
+    if blocks != 3:  # the original three-block scene keeps its cache key
+        settings["blocks"] = blocks
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     final = root / key
@@ -196,7 +206,7 @@ def ensure_embedded_sample(cache_dir: str | Path | None = None, num_episodes: in
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp", dir=root))
     try:
-        episodes = make_synthetic_episodes(num_episodes, steps, seed)
+        episodes = make_synthetic_episodes(num_episodes, steps, seed, blocks)
         for ep in episodes:
             ep.pop("target_rc")
         write_rt1_dataset(episodes, tmp, description="Embedded synthetic sample (NOT RT-1): " + json.dumps(settings))
