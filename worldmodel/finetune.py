@@ -187,7 +187,7 @@ def run_finetuning(cfg, output_dir) -> dict:
         weights.eval()
         metrics = evaluate_offline(weights, task, eval_batches(), normalizer, mean_action,
                                    steps=int(cfg.eval.sampling_steps), seed=int(cfg.seed),
-                                   max_batches=int(cfg.eval.batches))
+                                   max_batches=None if cfg.eval.batches is None else int(cfg.eval.batches))
         metrics["step"] = step
         results.update(metrics)
         trainer.metrics.log(step, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)})
