@@ -58,6 +58,7 @@ class Observation:
 
     image: np.ndarray  # (H, W, 3) uint8
     instruction: str
+    state: np.ndarray | None = None  # (8,) proprioception in RT-1's layout (tool pose 7 + gripper closed 1), if known
 
 
 @dataclass
@@ -77,6 +78,7 @@ class StepResult:
     success: bool
     info: dict[str, Any] = field(default_factory=dict)
     instruction: str | None = None  # set when the instruction changed (e.g. after a subtask advance)
+    state: np.ndarray | None = None  # (8,) proprioception after the step, as in Observation
 
 
 @runtime_checkable

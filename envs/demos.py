@@ -43,6 +43,7 @@ class DemoEpisode:
     gripper_closedness_action: np.ndarray  # (T, 1) float32, +1 closed, -1 open
     terminate: np.ndarray  # (T,) bool, True only at the last step
     env_actions: np.ndarray  # (T, 7) float32 the controller actions that were executed (zeros at the last)
+    state: np.ndarray | None = None  # (T, 8) float32 TCP pose in the base frame (7) + gripper closedness (1)
 
     def __len__(self) -> int:
         return int(self.frames.shape[0])
@@ -61,7 +62,7 @@ def save_shard(ep: DemoEpisode, shard_dir: str | Path) -> Path:
     np.savez(tmp, task=ep.task, seed=ep.seed, instruction=ep.instruction, frames=ep.frames,
              world_vector=ep.world_vector, rotation_delta=ep.rotation_delta,
              gripper_closedness_action=ep.gripper_closedness_action, terminate=ep.terminate,
-             env_actions=ep.env_actions)
+             env_actions=ep.env_actions, **({} if ep.state is None else {"state": ep.state}))
     os.replace(tmp, path)
     return path
 
@@ -81,7 +82,7 @@ def load_shard(path: str | Path) -> DemoEpisode:
     return DemoEpisode(task=str(d["task"]), seed=int(d["seed"]), instruction=str(d["instruction"]),
                        frames=d["frames"], world_vector=d["world_vector"], rotation_delta=d["rotation_delta"],
                        gripper_closedness_action=d["gripper_closedness_action"], terminate=d["terminate"],
-                       env_actions=d["env_actions"])
+                       env_actions=d["env_actions"], state=d.get("state"))
 
 
 def done_seeds(task: str, shard_dir: str | Path) -> tuple[list[int], list[int]]:
@@ -105,6 +106,7 @@ class _ActionLog:
         self.env, self.camera = env, camera
         self.actions: list[np.ndarray] = []
         self.frames: list[np.ndarray] = []
+        self.states: list[np.ndarray] = []
         self.last_info: dict[str, Any] = {}
 
     def __getattr__(self, name):
@@ -115,7 +117,7 @@ class _ActionLog:
         return self.env.unwrapped
 
     def clear(self) -> None:
-        self.actions, self.frames, self.last_info = [], [], {}
+        self.actions, self.frames, self.states, self.last_info = [], [], [], {}
 
     def reset(self, **kw):
         obs, info = self.env.reset(**kw)
@@ -128,9 +130,12 @@ class _ActionLog:
         obs, rew, term, trunc, info = self.env.step(action)
         self.last_info = info
         if self.camera is not None:
-            from envs.maniskill_backend import camera_image
+            from envs.maniskill_backend import camera_image, robot_state
 
             self.frames.append(camera_image(obs, self.camera))
+            state = robot_state(self.env)
+            if state is not None:
+                self.states.append(state)
         return obs, rew, term, trunc, info
 
 
@@ -178,7 +183,7 @@ class DemoCollector:
         """Replay joint targets as pd_ee_delta_pose actions in the rendering env, recording frames."""
         from mani_skill.trajectory.utils.actions.conversion import from_pd_joint_pos
 
-        from envs.maniskill_backend import camera_image, show_hidden_goal
+        from envs.maniskill_backend import camera_image, robot_state, show_hidden_goal
 
         self.replay_env.reset(seed=seed)
         obs, _ = self.rgb_env.reset(seed=seed)
@@ -186,6 +191,7 @@ class DemoCollector:
         if self.task.show_goal:
             obs = self.rgb_env.unwrapped.get_obs()
         first = camera_image(obs, self.task.camera)
+        first_state = robot_state(self.rgb_env)
         from_pd_joint_pos("pd_ee_delta_pose", np.stack(joint_actions), self.replay_env, self.rgb_env)
         if not _flag(self.rgb_env.last_info):
             return None, "converted end-effector replay did not succeed"
@@ -196,9 +202,12 @@ class DemoCollector:
         rt1 = [conv.env_to_rt1(a) for a in env_actions]
         terminate = np.zeros(len(env_actions), bool)
         terminate[-1] = True
+        state = None
+        if first_state is not None and len(self.rgb_env.states) == len(self.rgb_env.frames):
+            state = np.stack([first_state] + self.rgb_env.states)  # (T, 8): state t is read with frame t
         ep = DemoEpisode(self.task.name, seed, self.task.instruction or "", frames,
                          np.stack([r["world_vector"] for r in rt1]), np.stack([r["rotation_delta"] for r in rt1]),
-                         np.stack([r["gripper_closedness_action"] for r in rt1]), terminate, env_actions)
+                         np.stack([r["gripper_closedness_action"] for r in rt1]), terminate, env_actions, state)
         return ep, ""
 
     def collect(self, seed: int) -> tuple[DemoEpisode | None, str]:
@@ -230,6 +239,17 @@ def fit_frames(frames: np.ndarray, size: tuple[int, int] = (256, 320)) -> np.nda
     return out
 
 
+def _state_fields(ep: DemoEpisode) -> dict:
+    """RT-1's proprioception fields of a demo: the measured TCP pose and gripper closedness when recorded
+    (older shards without state fall back to the commanded gripper and a zero pose)."""
+    g = ep.gripper_closedness_action.astype(np.float32)  # (T, 1)
+    fields = {"gripper_closed": (g > 0).astype(np.float32), "gripper_closedness_commanded": g}
+    if ep.state is not None:
+        fields["base_pose_tool_reached"] = ep.state[:, :7].astype(np.float32)
+        fields["gripper_closed"] = ep.state[:, 7:8].astype(np.float32)
+    return fields
+
+
 def to_rt1_episode(ep: DemoEpisode, size: tuple[int, int] = (256, 320)) -> dict:
     """A demo as the episode dict of `worldmodel.data.rt1_writer.write_rt1_dataset` (frames fitted to 256x320)."""
     g = ep.gripper_closedness_action.astype(np.float32)  # (T, 1)
@@ -238,7 +258,7 @@ def to_rt1_episode(ep: DemoEpisode, size: tuple[int, int] = (256, 320)) -> dict:
         "instruction": ep.instruction,
         "actions": {"world_vector": ep.world_vector, "rotation_delta": ep.rotation_delta,
                     "gripper_closedness_action": g, "terminate_episode": ep.terminate},
-        "observation": {"gripper_closed": (g > 0).astype(np.float32), "gripper_closedness_commanded": g},
+        "observation": _state_fields(ep),
         "reward": ep.terminate.astype(np.float32),  # success is known for kept demos: reward 1 at the end
         "aspects": {"success": True, "has_aspects": True, "feasible": True},
     }

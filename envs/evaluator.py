@@ -112,6 +112,17 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", s).strip("_")[:80]
 
 
+def _accepts_state(policy) -> bool:
+    """True if ``policy.step`` takes a ``state`` keyword (proprioception); other policies get image + text only."""
+    import inspect
+
+    try:
+        params = inspect.signature(policy.step).parameters
+    except (TypeError, ValueError):
+        return False
+    return "state" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def run_episode(backend, policy, spec: EpisodeSpec, cfg: EvalConfig) -> EpisodeRecord:
     """One episode following SimplerEnv's loop; exceptions become a record with `error` (success None)."""
     rec = EpisodeRecord(spec.task, spec.protocol, spec.variant, spec.index, spec.seed, None)
@@ -126,12 +137,16 @@ def run_episode(backend, policy, spec: EpisodeSpec, cfg: EvalConfig) -> EpisodeR
         if spec.seed is not None and hasattr(policy, "reseed"):  # reproducible sampling noise per episode
             policy.reseed(int(spec.seed))
         rec.setup_time_s = time.perf_counter() - t0
-        image = obs.image
+        image, state = obs.image, obs.state
+        takes_state = _accepts_state(policy)
         frames, instrs = [image], [instruction]
         predicted_terminated, truncated, success, info = False, False, False, {}
         while not (predicted_terminated or truncated):
             t = time.perf_counter()
-            _raw, action = policy.step(image, instruction)
+            if takes_state and state is not None:
+                _raw, action = policy.step(image, instruction, state=state)
+            else:
+                _raw, action = policy.step(image, instruction)
             rec.policy_time_s += time.perf_counter() - t
             action = _check_action(action)
             predicted_terminated = bool(action["terminate_episode"][0] > 0)
@@ -142,7 +157,7 @@ def run_episode(backend, policy, spec: EpisodeSpec, cfg: EvalConfig) -> EpisodeR
             res = session.step(action)
             rec.sim_time_s += time.perf_counter() - t
             rec.steps += 1
-            success, info, image = bool(res.success), res.info, res.image
+            success, info, image, state = bool(res.success), res.info, res.image, res.state
             if res.instruction is not None:
                 instruction = res.instruction
             is_final = session.is_final_subtask

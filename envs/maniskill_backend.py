@@ -90,6 +90,35 @@ def camera_image(obs: dict, camera: str) -> np.ndarray:
     return np.ascontiguousarray(img[0] if img.ndim == 4 else img)[..., :3].astype(np.uint8, copy=False)
 
 
+STATE_DIM = 8  # tool pose (x, y, z, qw, qx, qy, qz) + gripper closedness in [0, 1] (RT-1's two state fields)
+
+
+def robot_state(env) -> np.ndarray | None:
+    """(8,) float32 proprioception in RT-1's layout: the TCP pose in the robot base frame (xyz metres + wxyz
+    quaternion, RT-1's ``base_pose_tool_reached``) and the gripper closedness (0 open .. 1 closed, RT-1's
+    ``gripper_closed``), read from the simulator; None for a robot without a TCP link."""
+    agent = getattr(env.unwrapped, "agent", None)
+    tcp = getattr(agent, "tcp", None)
+    if tcp is None:
+        return None
+
+    def arr(x):
+        return (x.cpu().numpy() if hasattr(x, "cpu") else np.asarray(x)).reshape(-1).astype(np.float64)
+
+    base = agent.robot.pose
+    rel = base.inv() * tcp.pose  # the TCP in the robot base frame, as RT-1 records it
+    pos, quat = arr(rel.p)[:3], arr(rel.q)[:4]
+    if quat[1] < 0:  # q and -q are one rotation: keep qx >= 0 (a tool pointing down has |qx| near 1, w near 0)
+        quat = -quat
+    qpos = arr(agent.robot.get_qpos())
+    fingers = qpos[-2:]  # Panda: two finger joints, 0 (closed) .. 0.04 m (open) each
+    limits = arr(agent.robot.get_qlimits().reshape(-1, 2)[-2:, 1]) if hasattr(agent.robot, "get_qlimits") else None
+    full = float(limits.sum()) if limits is not None else 0.08
+    opening = float(fingers.sum() / max(full, 1e-6))
+    closed = float(np.clip(1.0 - opening, 0.0, 1.0))
+    return np.concatenate([pos, quat, [closed]]).astype(np.float32)
+
+
 def _jsonable(info: dict) -> dict:
     out = {}
     for k, v in info.items():
@@ -119,7 +148,7 @@ class ManiSkillSession:
         self.gripper_closed = False
         if self.task.instruction is None:
             self.instruction = str(self.env.unwrapped.get_language_instruction()[0])
-        return Observation(camera_image(obs, self.task.camera), self.instruction)
+        return Observation(camera_image(obs, self.task.camera), self.instruction, robot_state(self.env))
 
     def env_action(self, action: dict[str, np.ndarray]) -> np.ndarray:
         """SIMPLER-convention dict (world_vector m, rot_axangle, gripper +1 close) -> controller action (7,)."""
@@ -135,7 +164,7 @@ class ManiSkillSession:
         obs, _rew, terminated, truncated, info = self.env.step(self.env_action(action))
         info = _jsonable(info)
         return StepResult(camera_image(obs, self.task.camera), bool(terminated), bool(truncated),
-                          bool(info.get("success", False)), info)
+                          bool(info.get("success", False)), info, state=robot_state(self.env))
 
     def advance_subtask(self) -> str:
         return self.instruction  # single-step tasks

@@ -165,11 +165,13 @@ class RemotePolicy(ChunkedPolicy):
         super().reset(instruction)
         self.client.reset()
 
-    def _query(self, frames: np.ndarray, instruction: str) -> np.ndarray:
+    def _query(self, frames: np.ndarray, instruction: str, states: np.ndarray | None = None) -> np.ndarray:
         """One server call -> chunk (H, 8): 7 action columns + terminate."""
         image = frames[-1] if len(frames) == 1 else frames  # (H, W, 3) or (Tc, H, W, 3), oldest first
         obs = {"image": np.ascontiguousarray(image), "instruction": instruction,
                "seed": None if self.seed is None else self.seed + self.n_requests}
+        if states is not None:  # (Tc, 8) read with the frames
+            obs["state"] = np.ascontiguousarray(states[-1] if len(frames) == 1 else states, dtype=np.float32)
         reply = self.client.infer(obs)
         self.n_requests += 1
         self.last_timing = reply.get("timing", {})

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from policies.stepper import ChunkedPolicy
+from policies.stepper import ChunkedPolicy, check_state, context_indices
 
 KIND = "worldmodel.finetune_rt1"
 
@@ -60,7 +60,7 @@ class SelfFlowPolicy(ChunkedPolicy):
 
     def __init__(self, model, text_encoder, codec, normalizer, run_cfg: dict, device="cpu", sampling_steps: int = 10,
                  execute_steps: int | None = None, ensemble: bool = False, seed: int | None = None,
-                 sticky_gripper: int = 1):
+                 sticky_gripper: int = 1, state_normalizer=None):
         from worldmodel.action_modes import WindowLayout
 
         data = run_cfg["data"]
@@ -72,6 +72,12 @@ class SelfFlowPolicy(ChunkedPolicy):
                                      int(data["horizon"]))
         self.height, self.width = int(data["height"]), int(data["width"])
         self.sampling_steps, self.seed = int(sampling_steps), seed
+        self.uses_state = bool(data.get("state", False))
+        if self.uses_state and state_normalizer is None:
+            raise ValueError("this checkpoint conditions on proprioception (data.state=true) but has no state stats")
+        self.state_normalizer = state_normalizer
+        # Each modality is integrated on the clock it was trained on (objective.modality_shift, e.g. actions 7.4).
+        self.modality_shift = dict((run_cfg.get("objective") or {}).get("modality_shift") or {})
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ----------------------------------------------------------------------------------- loading
@@ -93,16 +99,30 @@ class SelfFlowPolicy(ChunkedPolicy):
         ckpt.load_into({"model": model, "text_encoder": text})
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         normalizer = ActionNormalizer.from_dict(ckpt.extra_json["action_stats"])
+        state_normalizer = None
+        if run["data"].get("state", False):
+            from worldmodel.state import StateNormalizer
+
+            if "state_stats" not in ckpt.extra_json:
+                raise ValueError(f"{path} conditions on proprioception but has no state_stats.json: "
+                                 "an incomplete checkpoint")
+            state_normalizer = StateNormalizer.from_dict(ckpt.extra_json["state_stats"])
         codec = build_frames_codec(OmegaConf.create(run["codec"]))
-        return cls(model.to(device).eval(), text.to(device).eval(), codec, normalizer, run, device, **options)
+        if not options.get("ensemble", False):  # the recipe's execution horizon, unless the caller chooses
+            options.setdefault("execute_steps", (run.get("policy") or {}).get("execute_steps"))
+        return cls(model.to(device).eval(), text.to(device).eval(), codec, normalizer, run, device,
+                   state_normalizer=state_normalizer, **options)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write a checkpoint directory that `from_pretrained` reads back (atomically)."""
         from worldmodel.checkpoint import save_checkpoint
 
         config = {"kind": KIND, "model": self.model.config, "run": self.run_cfg}
+        extra = {"action_stats": self.normalizer.to_dict()}
+        if self.state_normalizer is not None:
+            extra["state_stats"] = self.state_normalizer.to_dict()
         return save_checkpoint(path, {"model": self.model, "text_encoder": self.text_encoder}, config,
-                               extra_json={"action_stats": self.normalizer.to_dict()})
+                               extra_json=extra)
 
     @property
     def metadata(self) -> dict:
@@ -110,6 +130,7 @@ class SelfFlowPolicy(ChunkedPolicy):
         return {"model_kind": KIND, "horizon": self.geometry.horizon, "action_dim": 7,
                 "image_size": [self.height, self.width], "context_frames": self.geometry.context_frames,
                 "frame_stride": self.geometry.frame_stride, "sampling_steps": self.sampling_steps,
+                "uses_state": self.uses_state,
                 "model_size": self.model.config.get("size")}
 
     # ---------------------------------------------------------------------------------- inference
@@ -119,16 +140,49 @@ class SelfFlowPolicy(ChunkedPolicy):
                 self._text_cache[instruction] = self.text_encoder.encode([instruction], device=self.device)
         return self._text_cache[instruction]
 
+    def _context_picks(self, num_frames: int) -> list[int]:
+        """Which of ``num_frames`` given frames (oldest first) form the context: exactly Tc frames are taken as
+        the context itself (what step() and the server client send); a longer history at the control rate
+        ((Tc - 1) * stride + 1 frames or more) is subsampled at the trained stride; a single frame is an
+        episode's first (repeated, as in training)."""
+        tc, stride = self.geometry.context_frames, self.geometry.frame_stride
+        if num_frames == tc:
+            return list(range(tc))
+        if num_frames == 1 or num_frames >= (tc - 1) * stride + 1:
+            return context_indices(num_frames, tc, stride)
+        raise ValueError(f"got {num_frames} frames; pass the {tc} context frames ({stride} control steps apart, oldest "
+                         f"first), the last {(tc - 1) * stride + 1} or more frames at the control rate, or one frame "
+                         "at an episode's start")
+
     def _context(self, frames: np.ndarray) -> torch.Tensor:
+        """(T, H, W, 3) | (H, W, 3) uint8 -> (1, Tc, 3, h, w): the context the model trained on."""
+        frames = np.asarray(frames)
         x = preprocess_frames(frames, self.height, self.width, self.device)  # (1, T, 3, h, w)
-        tc = self.geometry.context_frames
-        if x.shape[1] < tc:  # too few frames: repeat the first, as the reader does at an episode start
-            x = torch.cat([x[:, :1].expand(-1, tc - x.shape[1], -1, -1, -1), x], dim=1)
-        return x[:, -tc:]
+        picks = self._context_picks(x.shape[1])
+        return x[:, picks]
+
+    def _states(self, states, num_frames: int) -> torch.Tensor | None:
+        """(T, 8) | (8,) raw states given with ``num_frames`` frames -> (1, Tc, 8) normalized, or None."""
+        if not self.uses_state:
+            return None  # a checkpoint trained without proprioception ignores it
+        if states is None:
+            raise ValueError("this policy conditions on proprioception: pass state=(8,) (tool x y z, quaternion "
+                             "w x y z in the robot base frame, gripper closedness 0..1) with every image")
+        arr = np.asarray(states, dtype=np.float32)
+        if arr.ndim == 1:
+            if num_frames != 1:
+                raise ValueError(f"got one state for {num_frames} frames; pass one state per frame ({num_frames}, 8)")
+            arr = arr[None]
+        if arr.ndim != 2 or arr.shape[0] != num_frames:
+            raise ValueError(f"state must be (8,) or ({num_frames}, 8) to match the frames, got {arr.shape}")
+        arr = np.stack([check_state(s) for s in arr])[self._context_picks(num_frames)]  # (Tc, 8)
+        return torch.as_tensor(self.state_normalizer.normalize(arr), device=self.device)[None]
 
     @torch.no_grad()
-    def _sample_chunk(self, context: torch.Tensor, instruction: str, seed: int | None) -> np.ndarray:
-        """(1, Tc, 3, h, w) context -> (H, 8) chunk: 7 RT-1 action columns (physical units) + terminate."""
+    def _sample_chunk(self, context: torch.Tensor, instruction: str, seed: int | None,
+                      state: torch.Tensor | None = None) -> np.ndarray:
+        """(1, Tc, 3, h, w) context [+ (1, Tc, 8) state] -> (H, 8): 7 RT-1 action columns (physical units) +
+        terminate."""
         from worldmodel.action_modes import build_sequence, split_action_tokens
         from worldmodel.sampling import sample
 
@@ -136,9 +190,11 @@ class SelfFlowPolicy(ChunkedPolicy):
         text, text_mask = self._text(instruction)
         zeros = torch.zeros(1, h, 7, device=self.device)
         seq = build_sequence("policy", self.codec, context, None, zeros, torch.zeros(1, h, device=self.device),
-                             torch.ones(1, h, dtype=torch.bool, device=self.device), self.geometry, text, text_mask)
+                             torch.ones(1, h, dtype=torch.bool, device=self.device), self.geometry, text, text_mask,
+                             state=state)
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
-        out = sample(self.model, seq, steps=self.sampling_steps, generator=generator)
+        out = sample(self.model, seq, steps=self.sampling_steps, generator=generator,
+                     modality_shift=self.modality_shift)
         actions, terminate = split_action_tokens(out.x[:, -h:, : self.model.token_dim["action"]])
         raw = self.normalizer.unnormalize(actions[0].float().cpu().numpy())  # (H, 7)
         return np.concatenate([raw, terminate[0].float().cpu().numpy()[:, None]], axis=1)
@@ -147,17 +203,23 @@ class SelfFlowPolicy(ChunkedPolicy):
         """Seed this episode's sampling noise (chunk n uses seed * 100_003 + n); the evaluator calls it per episode."""
         self._episode_seed, self._chunks = int(seed), 0
 
-    def _query(self, frames: np.ndarray, instruction: str) -> np.ndarray:
+    def _query(self, frames: np.ndarray, instruction: str, states: np.ndarray | None = None) -> np.ndarray:
         seed = self.seed
         if seed is None and getattr(self, "_episode_seed", None) is not None:
             seed = self._episode_seed * 100_003 + self._chunks
             self._chunks += 1
-        return self._sample_chunk(self._context(frames), instruction, seed)
+        frames = np.asarray(frames)
+        n = 1 if frames.ndim == 3 else frames.shape[0]
+        return self._sample_chunk(self._context(frames), instruction, seed, self._states(states, n))
 
     def predict_action_chunk(self, observation: dict) -> dict:
-        """{"image": (H, W, 3) | (T, H, W, 3) uint8, "instruction", "seed"?} -> {"actions" (H, 7), "terminate" (H,)}.
+        """{"image": (H, W, 3) | (T, H, W, 3) uint8, "instruction", "state"?, "seed"?} -> {"actions" (H, 7),
+        "terminate" (H,)}.
 
-        Stateless (the server shares one instance); actions are in RT-1 units (metres, radians, gripper).
+        image: the Tc context frames (oldest first, frame_stride control steps apart; metadata says both), or
+        the recent frames at the control rate (subsampled at the trained stride), or one frame at an
+        episode's start. state: (8,) or (T, 8) proprioception read with the frames (checkpoints with a state
+        modality need it). Stateless (the server shares one instance); actions in RT-1 units.
         """
         if not isinstance(observation, dict) or "image" not in observation:
             raise ValueError("observation must be a dict with 'image' (H, W, 3) uint8 and 'instruction' str")
@@ -165,44 +227,55 @@ class SelfFlowPolicy(ChunkedPolicy):
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError("observation['instruction'] is missing or empty; pass the task's language instruction")
         seed = observation.get("seed", self.seed)
-        chunk = self._sample_chunk(self._context(observation["image"]), instruction, seed)
+        frames = np.asarray(observation["image"])
+        n = 1 if frames.ndim == 3 else frames.shape[0]
+        chunk = self._sample_chunk(self._context(frames), instruction, seed,
+                                   self._states(observation.get("state"), n))
         return {"actions": chunk[:, :7].astype(np.float32), "terminate": chunk[:, 7].astype(np.float32)}
 
     def select_action(self, batch: dict) -> np.ndarray:
-        """LeRobot-style: {"image": (B, H, W, 3) uint8, "instruction": list[str]} -> (B, 7), from per-row queues."""
+        """LeRobot-style: {"image": (B, H, W, 3) uint8, "instruction": list[str], "state"?: (B, 8)} -> (B, 7),
+        one call per control step. Each row keeps its own frame history (the context the model trained on,
+        as step() builds it) and action queue; reset() starts new episodes."""
         images, instructions = batch["image"], batch["instruction"]
         if isinstance(instructions, str):
             instructions = [instructions] * len(images)
         if len(instructions) != len(images):
             raise ValueError(f"select_action got {len(images)} images but {len(instructions)} instructions")
-        if not hasattr(self, "_row_queues") or len(self._row_queues) != len(images):
-            from policies.chunking import ActionQueue
-
-            self._row_queues = [ActionQueue(self.queue.execute_steps) for _ in images]
+        states = batch.get("state")
+        if states is not None and len(states) != len(images):
+            raise ValueError(f"select_action got {len(images)} images but {len(states)} states")
+        if not getattr(self, "_rows", None) or len(self._rows) != len(images):
+            self._rows = [ChunkedPolicy(self.queue.execute_steps, context_frames=self.context_frames,
+                                        frame_stride=self.frame_stride) for _ in images]
         out = []
-        for queue, image, instruction in zip(self._row_queues, images, instructions):
-            if queue.empty:
-                queue.push(self._query(np.asarray(image), instruction))
-            out.append(queue.pop()[:7])
+        for i, (row, image, instruction) in enumerate(zip(self._rows, images, instructions)):
+            row.history.append(row._checked(np.asarray(image)))
+            row.state_history.append(check_state(None if states is None else states[i]))
+            if row.queue.empty:
+                row.queue.push(self._query(row.context(), instruction, row.context_states()))
+            out.append(row.queue.pop()[:7])
         return np.stack(out)
 
     def reset(self, instruction: str | None = None) -> None:
         super().reset(instruction)
-        self._row_queues = []
+        self._rows = []
         self._episode_seed = None
 
     @torch.no_grad()
     def imagine(self, image: np.ndarray, instruction: str, actions: np.ndarray | None = None, steps: int = 20,
-                seed: int | None = 0) -> np.ndarray:
+                seed: int | None = 0, state: np.ndarray | None = None) -> np.ndarray:
         """Predicted future frames (Tf, h, w, 3) uint8: given actions (H, 7) in RT-1 units (forward dynamics),
-        or jointly with the model's own actions when None."""
+        or jointly with the model's own actions when None. image: as in predict_action_chunk."""
         from worldmodel.action_modes import build_sequence
         from worldmodel.sampling import sample
 
         h, tf = self.geometry.horizon, self.geometry.future_frames
         if tf == 0:
             raise ValueError("this checkpoint was trained without future frames (data.future_frames=0)")
-        context = self._context(np.asarray(image))
+        image = np.asarray(image)
+        context = self._context(image)
+        states = self._states(state, 1 if image.ndim == 3 else image.shape[0])
         future = torch.zeros(1, tf, 3, self.height, self.width, device=self.device)
         mode = "joint" if actions is None else "dynamics"
         acts = np.zeros((h, 7), np.float32) if actions is None else self.normalizer.normalize(np.asarray(actions))
@@ -212,9 +285,9 @@ class SelfFlowPolicy(ChunkedPolicy):
         seq = build_sequence(mode, self.codec, context, future, torch.as_tensor(acts, device=self.device)[None].float(),
                              torch.zeros(1, h, device=self.device), torch.ones(1, h, dtype=torch.bool,
                                                                                  device=self.device),
-                             self.geometry, text, text_mask)
+                             self.geometry, text, text_mask, state=states)
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
-        out = sample(self.model, seq, steps=steps, generator=generator)
+        out = sample(self.model, seq, steps=steps, generator=generator, modality_shift=self.modality_shift)
         n_ctx = self.codec.num_tokens(context.shape)
         n_fut = self.codec.num_tokens(future.shape)
         frames = self.codec.decode(out.x[:, n_ctx: n_ctx + n_fut, : self.model.token_dim["video"]], future.shape)

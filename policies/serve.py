@@ -51,7 +51,9 @@ log = logging.getLogger("policies.serve")
 
 
 def validate_observation(obs: Any) -> dict[str, Any]:
-    """Check an incoming observation; returns {"image", "instruction", "seed"} or raises ValueError."""
+    """Check an incoming observation; returns {"image", "instruction", "seed"[, "state"]} or raises ValueError.
+
+    state (optional): (8,) or (T, 8) float proprioception read with the frame(s), RT-1's layout."""
     if not isinstance(obs, dict):
         raise ValueError(f"observation must be a dict with 'image' and 'instruction', got {type(obs).__name__}")
     missing = [k for k in ("image", "instruction") if k not in obs]
@@ -68,7 +70,18 @@ def validate_observation(obs: Any) -> dict[str, Any]:
         raise ValueError(f"observation['instruction'] must be a str, got {type(instruction).__name__}")
     if (seed is not None and not isinstance(seed, (int, np.integer))) or isinstance(seed, bool):
         raise ValueError(f"observation['seed'] must be an int or None, got {seed!r}")
-    return {"image": image, "instruction": instruction, "seed": None if seed is None else int(seed)}
+    out = {"image": image, "instruction": instruction, "seed": None if seed is None else int(seed)}
+    state = obs.get("state")
+    if state is not None:
+        state = np.asarray(state) if isinstance(state, (np.ndarray, list, tuple)) else None
+        frames = 1 if image.ndim == 3 else image.shape[0]
+        if (state is None or state.dtype.kind not in "fiu" or state.shape[-1:] != (8,) or state.ndim > 2
+                or (state.ndim == 2 and state.shape[0] != frames) or not np.all(np.isfinite(state))):
+            raise ValueError(f"observation['state'] must be 8 finite floats per frame ((8,) or ({frames}, 8): tool "
+                             "x y z, quaternion w x y z, gripper closedness), got "
+                             f"{obs.get('state') if state is None else f'{state.dtype} array of shape {state.shape}'}")
+        out["state"] = state.astype(np.float32)
+    return out
 
 
 def normalize_chunk(out: Any) -> tuple[np.ndarray, np.ndarray]:

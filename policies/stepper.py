@@ -1,8 +1,8 @@
 """The SIMPLER-style `reset` / `step` loop shared by the in-process and the remote policy (numpy only).
 
-A subclass provides `_query(frames, instruction) -> (H, 8)` (7 RT-1 action columns in physical units
-plus terminate) given the recent frames; this class keeps the frame history the model conditions on,
-executes k actions of each chunk (ActionQueue) or ensembles overlapping chunks (TemporalEnsembler),
+A subclass provides `_query(frames, instruction, states) -> (H, 8)` (7 RT-1 action columns in
+physical units plus terminate) given the recent frames (and proprioception, when the caller passes
+it); this class keeps the frame and state history the model conditions on, executes k actions of each chunk (ActionQueue) or ensembles overlapping chunks (TemporalEnsembler),
 and converts to SIMPLER's action dict (policies.conventions).
 """
 
@@ -14,6 +14,15 @@ import numpy as np
 
 from policies.chunking import ActionQueue, TemporalEnsembler
 from policies.conventions import GRIPPER_DEADZONE, StickyGripper, to_simpler_action
+
+
+def context_indices(num_frames: int, context_frames: int, frame_stride: int) -> list[int]:
+    """Indices into a history of ``num_frames`` frames (oldest first, one per control step) of the context the
+    model trained on: offsets -(Tc-1)*stride .. 0 from the newest, clamped to the first frame (the reader
+    repeats an episode's first frame the same way)."""
+    if num_frames < 1:
+        raise ValueError("the frame history is empty: pass at least the current frame")
+    return [max(num_frames - 1 - k * frame_stride, 0) for k in reversed(range(context_frames))]
 
 
 class ChunkedPolicy:
@@ -38,17 +47,21 @@ class ChunkedPolicy:
         self.sticky = StickyGripper(sticky_gripper)
         self.gripper_deadzone = gripper_deadzone
         self.context_frames, self.frame_stride = int(context_frames), int(frame_stride)
-        self.history: deque[np.ndarray] = deque(maxlen=(self.context_frames - 1) * self.frame_stride + 1)
+        span = (self.context_frames - 1) * self.frame_stride + 1
+        self.history: deque[np.ndarray] = deque(maxlen=span)
+        self.state_history: deque[np.ndarray | None] = deque(maxlen=span)
         self.instruction: str | None = None
 
-    def _query(self, frames: np.ndarray, instruction: str) -> np.ndarray:
-        """(Tc, H, W, 3) uint8 context frames (oldest first) -> chunk (H, 8): 7 action columns + terminate."""
+    def _query(self, frames: np.ndarray, instruction: str, states: np.ndarray | None = None) -> np.ndarray:
+        """(Tc, H, W, 3) uint8 context frames (oldest first) and optional (Tc, 8) states read with them
+        -> chunk (H, 8): 7 action columns + terminate."""
         raise NotImplementedError
 
     def reset(self, instruction: str | None = None) -> None:
         """Start an episode: forget frames and queued / ensembled actions."""
         self._flush()
         self.history.clear()
+        self.state_history.clear()
         self.sticky.reset()
         self.instruction = instruction
 
@@ -60,8 +73,14 @@ class ChunkedPolicy:
     def context(self) -> np.ndarray:
         """(Tc, H, W, 3) frames at offsets -(Tc-1)*stride .. 0, the first frame repeated before the start."""
         frames = list(self.history)
-        picks = [len(frames) - 1 - k * self.frame_stride for k in reversed(range(self.context_frames))]
-        return np.stack([frames[max(i, 0)] for i in picks])
+        return np.stack([frames[i] for i in context_indices(len(frames), self.context_frames, self.frame_stride)])
+
+    def context_states(self) -> np.ndarray | None:
+        """(Tc, 8) states read with the context frames, or None when the caller passes no state."""
+        states = list(self.state_history)
+        if not states or any(s is None for s in states):
+            return None
+        return np.stack([states[i] for i in context_indices(len(states), self.context_frames, self.frame_stride)])
 
     def _checked(self, image) -> np.ndarray:
         """The frame as a uint8 (H, W, 3) array the same size as this episode's earlier frames (else ValueError)."""
@@ -76,8 +95,13 @@ class ChunkedPolicy:
                              "keep one camera resolution per episode or call reset() first")
         return image
 
-    def step(self, image: np.ndarray, instruction: str | None = None) -> tuple[dict, dict]:
-        """(image (H, W, 3) uint8, instruction) -> (raw_action, SIMPLER action dict)."""
+    def step(self, image: np.ndarray, instruction: str | None = None,
+             state: np.ndarray | None = None) -> tuple[dict, dict]:
+        """(image (H, W, 3) uint8, instruction, optional state (8,)) -> (raw_action, SIMPLER action dict).
+
+        state: the robot's proprioception in RT-1's layout (tool pose xyz + quaternion wxyz in the base frame,
+        gripper closedness 0..1), read with this image; pass it every step (or never) within an episode.
+        """
         instruction = self.instruction if instruction is None else instruction
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError("step() needs an instruction: pass it to reset(instruction) or step(image, instruction)")
@@ -85,15 +109,16 @@ class ChunkedPolicy:
             self._flush()
             self.instruction = instruction
         self.history.append(self._checked(image))
+        self.state_history.append(check_state(state))
         if self.ensemble:
-            chunk = self._query(self.context(), instruction)
+            chunk = self._query(self.context(), instruction, self.context_states())
             if self.ensembler is None or self.ensembler.horizon != len(chunk):
                 self.ensembler = TemporalEnsembler(len(chunk), self.ensemble_coeff)
             vec = self.ensembler.update(chunk)  # (8,)
             terminate = float(vec[7] > 0.5)
         else:
             if self.queue.empty:
-                self.queue.push(self._query(self.context(), instruction))
+                self.queue.push(self._query(self.context(), instruction, self.context_states()))
             vec = self.queue.pop()  # (8,)
             terminate = float(vec[7] > 0.5)
         a7 = np.asarray(vec[:7], dtype=np.float64)
@@ -101,3 +126,15 @@ class ChunkedPolicy:
                "terminate_episode": np.array([terminate])}
         action = to_simpler_action(a7, terminate, gripper_deadzone=self.gripper_deadzone, sticky=self.sticky)
         return raw, action
+
+
+def check_state(state) -> np.ndarray | None:
+    """A state as a finite float32 (8,) array (None passes through), else a ValueError naming the layout."""
+    if state is None:
+        return None
+    arr = np.asarray(state, dtype=np.float32).reshape(-1) if np.size(state) == 8 else np.asarray(state)
+    if arr.shape != (8,) or not np.all(np.isfinite(arr)):
+        raise ValueError(f"state must be 8 finite floats (tool x y z, quaternion w x y z in the robot base frame, "
+                         f"gripper closedness 0..1), got shape {np.shape(state)}")
+    return arr
+

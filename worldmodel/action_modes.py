@@ -10,8 +10,11 @@ per-token times say what the model is asked to do (DESIGN.md, "Actions and video
     video      clean            noised               absent (tau 1)       future
 
 Positions share one time axis: a frame at step offset o has t = o; the action of step i (acting
-from the frame at offset i) has t = i. ``loss_mask`` marks the noised tokens; padded actions past an
-episode's end are never trained. The policy samples with exactly the ``policy`` layout.
+from the frame at offset i) has t = i. ``loss_mask`` marks the noised tokens. Action slots past an
+episode's end do not exist at deployment, so they are absent (tau = 1, pure noise, no loss) in every
+mode, never clean tokens the model could read the episode's end from. Optional proprioception (one
+state token per context frame, at that frame's time) is clean conditioning in every mode. The policy
+samples with exactly the ``policy`` layout.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from worldmodel.state import STATE_DIM
 from worldmodel.tokens import TokenSequence, concat_segments
 
 MODES = ("policy", "joint", "dynamics", "video")
@@ -81,11 +85,14 @@ def build_sequence(
     geometry: WindowLayout,
     text: Tensor | None = None,
     text_mask: Tensor | None = None,
+    state: Tensor | None = None,
 ) -> TokenSequence:
     """One mode's TokenSequence (x holds CLEAN values; the objective noises the loss-mask tokens).
 
     context: (B, Tc, 3, h, w) and future: (B, Tf, 3, h, w) frames in [-1, 1] (future ignored in policy mode);
-    actions: (B, H, 7) normalized; terminate: (B, H) in {0, 1}; action_valid: (B, H) bool.
+    actions: (B, H, 7) normalized; terminate: (B, H) in {0, 1}; action_valid: (B, H) bool;
+    state: optional (B, Tc, 8) normalized proprioception read with the context frames.
+    Layout: video (context [+ future]), then state (if given), then the action chunk (always last).
     """
     if mode not in MODES:
         raise ValueError(f"unknown training mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -94,8 +101,11 @@ def build_sequence(
     act = action_tokens(actions, terminate)  # (B, H, 8)
     act_pos = action_positions(geometry.horizon, device)
     n_ctx, n_act = ctx_tokens.shape[1], act.shape[1]
+    segments = [("action", act, act_pos)]
+    if state is not None:
+        segments.insert(0, ("state", *state_tokens(state, geometry)))
     if mode == "policy":
-        x, pos, layout = concat_segments([("video", ctx_tokens, ctx_pos), ("action", act, act_pos)])
+        x, pos, layout = concat_segments([("video", ctx_tokens, ctx_pos), *segments])
         n_fut = 0
     else:
         if future is None:
@@ -104,18 +114,31 @@ def build_sequence(
         n_fut = fut_tokens.shape[1]
         # One video segment (context then future frames), then the action chunk.
         video = torch.cat([ctx_tokens, fut_tokens], dim=1)
-        x, pos, layout = concat_segments([("video", video, torch.cat([ctx_pos, fut_pos])), ("action", act, act_pos)])
+        x, pos, layout = concat_segments([("video", video, torch.cat([ctx_pos, fut_pos])), *segments])
     tau = torch.zeros(batch, x.shape[1], device=device)  # (B, N)
     loss_mask = torch.zeros(batch, x.shape[1], dtype=torch.bool, device=device)  # (B, N)
     fut = slice(n_ctx, n_ctx + n_fut)
-    acts = slice(n_ctx + n_fut, n_ctx + n_fut + n_act)
+    acts = slice(x.shape[1] - n_act, x.shape[1])
+    valid = action_valid.to(device=device, dtype=torch.bool)  # (B, H)
     if mode in ("policy", "joint"):
-        loss_mask[:, acts] = action_valid
+        loss_mask[:, acts] = valid
     if mode in ("joint", "dynamics", "video"):
         loss_mask[:, fut] = True
     if mode == "video":
         tau[:, acts] = 1.0  # absent: pure noise, carries no information
+    else:
+        tau[:, acts] = torch.where(valid, tau[:, acts], 1.0)  # past the episode's end: absent, as at deployment
     return TokenSequence(x=x, tau=tau, pos=pos, layout=layout, loss_mask=loss_mask, text=text, text_mask=text_mask)
+
+
+def state_tokens(state: Tensor, geometry: WindowLayout) -> tuple[Tensor, Tensor]:
+    """(B, Tc, 8) normalized state -> tokens (B, Tc, 8) and positions (Tc, 3): t = the context frame's offset."""
+    if state.ndim != 3 or state.shape[1] != geometry.context_frames or state.shape[2] != STATE_DIM:
+        raise ValueError(f"state must be (B, {geometry.context_frames}, {STATE_DIM}) (one per context frame), "
+                         f"got {tuple(state.shape)}")
+    pos = torch.zeros(geometry.context_frames, 3, device=state.device)
+    pos[:, 0] = torch.tensor(geometry.context_offsets(), dtype=torch.float32, device=state.device)
+    return state.float(), pos
 
 
 def draw_mode(probabilities: dict[str, float], generator: torch.Generator) -> str:

@@ -132,11 +132,25 @@ def compute_action_stats(source, eval_fraction: float = 0.1, max_episodes: int |
     source: a dataset version directory, or an RT1Windows (its directory and eval_fraction are used).
     All steps are held in memory (RT-1's 3.79M steps x 7 float32 = about 106 MB).
     """
-    from worldmodel.data.rt1_reader import RT1Windows, open_rt1_builder, split_episodes
-    from worldmodel.data.tfds_images import import_tf_quietly
+    from worldmodel.data.rt1_reader import RT1Windows
 
     if isinstance(source, RT1Windows):
         source, eval_fraction = source.dataset_dir, source.eval_fraction
+
+    def fields(steps, tf):
+        act = steps["action"]
+        return tf.concat([act["world_vector"], act["rotation_delta"], act["gripper_closedness_action"]], -1)
+
+    return stats_from_actions(read_train_steps(source, fields, eval_fraction, max_episodes, threads, "actions"))
+
+
+def read_train_steps(source, fields, eval_fraction: float = 0.1, max_episodes: int | None = None, threads: int = 2,
+                     what: str = "steps") -> np.ndarray:
+    """(N, D) float32 of ``fields(steps, tf) -> (T, D)`` over every step of the training split (images never
+    decoded). The pass behind the action and state statistics."""
+    from worldmodel.data.rt1_reader import open_rt1_builder, split_episodes
+    from worldmodel.data.tfds_images import import_tf_quietly
+
     builder = open_rt1_builder(source)
     tf, tfds = import_tf_quietly(threads)
     info = builder.info.splits["train"]
@@ -148,16 +162,15 @@ def compute_action_stats(source, eval_fraction: float = 0.1, max_episodes: int |
     decoders = {"steps": tfds.decode.SkipDecoding()}
 
     def parse(record):
-        act = features.deserialize_example(record, decoders=decoders)["steps"]["action"]
-        return tf.concat([act["world_vector"], act["rotation_delta"], act["gripper_closedness_action"]], -1)
+        return fields(features.deserialize_example(record, decoders=decoders)["steps"], tf)
 
     ds = tf.data.TFRecordDataset([str(p) for p in info.filepaths])
     ds = tf.data.Dataset.zip((tf.data.Dataset.range(n), ds)).filter(lambda i, r: tf.gather(tf.constant(keep), i))
     ds = ds.map(lambda i, r: parse(r), num_parallel_calls=threads).ignore_errors().prefetch(4)
-    chunks = [np.array(a, np.float32) for a in ds.as_numpy_iterator()]  # each (T, 7)
+    chunks = [np.array(a, np.float32) for a in ds.as_numpy_iterator()]  # each (T, D)
     if not chunks:
-        raise ValueError(f"no training actions could be read from {source}: is the train split empty?")
-    return stats_from_actions(np.concatenate(chunks))
+        raise ValueError(f"no training {what} could be read from {source}: is the train split empty?")
+    return np.concatenate(chunks)
 
 
 def _writable(directory: Path) -> bool:
@@ -168,22 +181,29 @@ def load_or_compute_stats(dataset_dir: str | Path, cache_dir: str | Path | None 
                           eval_fraction: float = 0.1) -> ActionNormalizer:
     """Stats cached as JSON beside the data (``action_stats_train_ef<fraction>.json``), or under ``cache_dir``
     (default ~/.cache/worldmodel/action_stats) when the data directory is read-only; computed once."""
+    return cached_stats(dataset_dir, f"action_stats_train_ef{eval_fraction:g}.json",
+                        lambda: compute_action_stats(dataset_dir, eval_fraction=eval_fraction),
+                        ActionNormalizer.from_dict, cache_dir)
+
+
+def cached_stats(dataset_dir: str | Path, name: str, compute, from_dict, cache_dir: str | Path | None = None):
+    """Statistics JSON ``name`` beside the data (or under ``cache_dir`` when it is read-only): read, or
+    ``compute()`` once and written atomically. ``from_dict`` parses it; the result has ``to_dict()``."""
     import hashlib
 
     dataset_dir = Path(dataset_dir).expanduser().resolve()
-    name = f"action_stats_train_ef{eval_fraction:g}.json"
     beside = dataset_dir / name
     default = Path.home() / ".cache" / "worldmodel" / "action_stats"
     root = Path(cache_dir).expanduser() if cache_dir is not None else default
     cached = root / f"{hashlib.sha1(str(dataset_dir).encode()).hexdigest()[:12]}_{name}"
     for path in (beside, cached):
         if path.exists():
-            return ActionNormalizer.from_dict(json.loads(path.read_text()))
-    stats = compute_action_stats(dataset_dir, eval_fraction=eval_fraction)
+            return from_dict(json.loads(path.read_text()))
+    stats = compute()
     target = beside if _writable(dataset_dir) else cached
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(stats.to_dict(), indent=1))
     os.replace(tmp, target)
-    log.info("action stats %s written to %s", stats, target)
+    log.info("stats %s written to %s", stats, target)
     return stats

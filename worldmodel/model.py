@@ -26,7 +26,7 @@ from worldmodel.layers import (
 )
 from worldmodel.tokens import MODALITIES, TokenSequence, segment_slices
 
-DEFAULT_TOKEN_DIM = {"image": 48, "video": 48, "audio": 64, "action": 7}
+DEFAULT_TOKEN_DIM = {"image": 48, "video": 48, "audio": 64, "action": 7, "state": 8}
 
 
 @dataclass
@@ -192,6 +192,20 @@ class WorldModel(nn.Module):
         joint = torch.cat([text_emb.expand(b, length, -1), media_emb], dim=1)  # (B, L+N, D)
         return TimeCond(text_emb), TimeCond(media_emb), TimeCond(joint)
 
+    def _text_stream(self, seq: TokenSequence, b: int, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """Text tokens and key mask: the null token when text is None; with ``seq.text_drop``, the null token
+        is prepended and each row attends either to it alone (dropped) or to its real text alone."""
+        null = self.null_text.expand(b, -1, -1).to(dtype)  # (B, 1, D)
+        if seq.text is None:
+            return null, None
+        txt = self.text_in(seq.text.to(self.text_in.weight.dtype))  # (B, L, D)
+        if seq.text_drop is None:
+            return txt, seq.text_mask
+        drop = seq.text_drop.to(device=txt.device, dtype=torch.bool)[:, None]  # (B, 1)
+        real = seq.text_mask.bool() if seq.text_mask is not None else torch.ones_like(txt[..., 0], dtype=torch.bool)
+        key_mask = torch.cat([drop, real & ~drop], dim=1)  # (B, 1+L)
+        return torch.cat([null.to(txt.dtype), txt], dim=1), key_mask  # (B, 1+L, D)
+
     def forward(
         self, seq: TokenSequence, return_hidden: Sequence[int] = (), stop_after: int | None = None
     ) -> ModelOutput:
@@ -205,10 +219,7 @@ class WorldModel(nn.Module):
         parts = [self.inputs[m](x[:, sl, : dims[m]].to(wdtype)) for m, sl in segments]  # [(B, n_m, D)]
         img = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, N, D)
 
-        if seq.text is None:
-            txt, key_mask = self.null_text.expand(b, -1, -1).to(img.dtype), None  # (B, 1, D)
-        else:
-            txt, key_mask = self.text_in(seq.text.to(wdtype)), seq.text_mask  # (B, L, D)
+        txt, key_mask = self._text_stream(seq, b, img.dtype)  # (B, L, D), (B, L) or None
         length = txt.shape[1]
         mask = None
         if key_mask is not None:  # padded text tokens are masked out of the attention keys

@@ -21,13 +21,21 @@ from worldmodel.sampling import sample
 DIM_NAMES = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
 
 
+def trained_shifts(task) -> dict[str, float]:
+    """The per-modality time shifts the task's objective trains with (the sampler must integrate on them)."""
+    return dict(task.objective.config.modality_shift)
+
+
 @torch.no_grad()
 def predict_actions(model: nn.Module, task, batch: dict, steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled (B, H, 7) normalized actions and (B, H) terminate probabilities for a window batch."""
     device = next(model.parameters()).device
-    seq = task.sequence(batch, "policy", device, drop_instructions=False)
+    # Exactly what the policy builds: every action slot is sampled (a deployed policy never knows where the
+    # episode ends); only the valid steps are scored by the caller.
+    policy_batch = {**batch, "action_valid": torch.ones_like(batch["action_valid"], dtype=torch.bool)}
+    seq = task.sequence(policy_batch, "policy", device, drop_instructions=False, model=model)
     generator = torch.Generator(device=device).manual_seed(seed)
-    out = sample(model, seq, steps=steps, generator=generator)
+    out = sample(model, seq, steps=steps, generator=generator, modality_shift=trained_shifts(task))
     n_act = task.geometry.horizon
     tokens = out.x[:, -n_act:, : model.token_dim["action"]]  # (B, H, 8)
     return split_action_tokens(tokens)
@@ -81,8 +89,9 @@ def write_prediction_video(model: nn.Module, task, batch: dict, path: Path, step
     from worldmodel import media_io
 
     device = next(model.parameters()).device
-    seq = task.sequence(batch, "joint", device, drop_instructions=False)
-    out = sample(model, seq, steps=steps, generator=torch.Generator(device=device).manual_seed(seed))
+    seq = task.sequence(batch, "joint", device, drop_instructions=False, model=model)
+    out = sample(model, seq, steps=steps, generator=torch.Generator(device=device).manual_seed(seed),
+                 modality_shift=trained_shifts(task))
     context, future = batch["context"][:rows], batch["future"][:rows]  # (R, Tc/Tf, 3, h, w)
     n_ctx = task.codec.encode(context.to(device))[0].shape[1]
     n_fut = task.codec.encode(future.to(device))[0].shape[1]

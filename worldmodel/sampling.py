@@ -2,7 +2,10 @@
 
 Convention (DESIGN.md): x_t = (1 - t) x0 + t eps, v = eps - x0, integrate from t = 1 to t = 0.
 Tokens with ``seq.loss_mask`` True start at noise (tau = 1) and are integrated to tau = 0 along
-``shifted_schedule(steps, shift)``. Every other token keeps its tau throughout and is noised once to
+``shifted_schedule(steps, shift)``, each on its modality's clock: a modality trained with an extra
+time shift a_m (``SelfFlowConfig.modality_shift``, e.g. actions at 7.4) visits ``shift_time(u, a_m)``
+where the others visit u, so every modality is integrated over the times it was trained on, and joint
+sampling pairs the modalities' times exactly as training pairs them (one base time, shifted per modality). Every other token keeps its tau throughout and is noised once to
 it with the same noise draw: a no-op for clean tokens (tau = 0), pure noise for absent ones (tau = 1),
 exactly as the training objective presents them. This is how a policy samples actions given clean
 frames. The returned sequence holds the sampled values on loss tokens (their tau set to 0) and the
@@ -26,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from worldmodel.timesteps import shifted_schedule
+from worldmodel.timesteps import shift_time, shifted_schedule
 from worldmodel.tokens import TokenSequence, channel_mask
 
 METHODS = ("euler", "euler_maruyama")
@@ -59,6 +62,19 @@ def _levels_ok(seq: TokenSequence) -> bool:
     return bool(((other == 0) | (other == 1)).all())
 
 
+def modality_shifts(layout, shifts: dict[str, float] | None, device=None) -> Tensor:
+    """(N,) extra time shift of each token's modality (1.0 where the modality has none)."""
+    shifts = shifts or {}
+    return torch.cat([torch.full((n,), float(shifts.get(m, 1.0)), device=device) for m, n in layout])
+
+
+def visited_times(layout, steps: int, shift: float = 1.0, modality_shift: dict[str, float] | None = None) -> dict:
+    """{modality: (steps,) times at which the sampler evaluates that modality's sampled tokens} (for checks)."""
+    sched = shifted_schedule(steps, shift)[:-1]  # (steps,) the evaluation times, noise first
+    shifts = modality_shift or {}
+    return {m: shift_time(sched, float(shifts.get(m, 1.0))) for m, _ in layout}
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -72,6 +88,7 @@ def sample(
     noise: Tensor | None = None,
     sde_scale: float = 1.0,
     factorize: bool | None = None,
+    modality_shift: dict[str, float] | None = None,
 ) -> TokenSequence:
     """Sample the loss-mask tokens of ``seq`` from noise; returns a copy with the sampled values.
 
@@ -79,7 +96,10 @@ def sample(
         pass. The unconditional sequence is ``uncond_seq`` or ``seq`` with text None.
     noise: (B, N, C) initial noise (and the noise of absent tokens); drawn from ``generator`` if None.
     sde_scale: c in the diffusion w(t) = c t of the Euler-Maruyama sampler.
-    factorize: pass time levels [0, t, 1] to the model; None checks the tokens once (one host sync).
+    factorize: pass time levels [0, t, 1, t shifted per modality] to the model; None checks the tokens once
+        (one host sync).
+    modality_shift: {modality: a_m} extra time shift per modality, as trained (the checkpoint's
+        ``objective.modality_shift``); tokens of modality m are integrated along shift_time(schedule, a_m).
     """
     if method not in METHODS:
         raise ValueError(f"unknown sampling method {method!r}; use one of {METHODS}")
@@ -105,20 +125,30 @@ def sample(
         paired = _pair(seq, uncond)
     if factorize is None:
         factorize = _levels_ok(seq) and (not use_cfg or _levels_ok(uncond))
+    shifts = {m: float(a) for m, a in (modality_shift or {}).items() if float(a) != 1.0}
+    shifted = [m for m in shifts if any(name == m for name, _ in seq.layout)]  # modalities on their own clock
+    token_shift = modality_shifts(seq.layout, shifts, device)  # (N,)
     index = None
     if factorize:
-        index = torch.where(gen, 1, (seq.tau == 1).long() * 2)  # (B, N): 0 -> level 0, t -> 1, 1 -> 2
+        # levels [0, t, 1, t_a1, t_a2, ...]: a sampled token of the k-th shifted modality reads level 3 + k
+        level_of = torch.cat([torch.full((n,), 3 + shifted.index(m) if m in shifted else 1, device=device)
+                              for m, n in seq.layout])  # (N,)
+        index = torch.where(gen, level_of, (seq.tau == 1).long() * 2)  # (B, N)
     zeros = torch.zeros(b, device=device, dtype=seq.tau.dtype)
 
     def forward(template: TokenSequence, xs: Tensor, tau: Tensor, levels: Tensor | None, idx: Tensor | None) -> Tensor:
         return model(template.with_values(xs, tau, time_levels=levels, time_index=idx)).velocity
 
     def velocity(xs: Tensor, t: Tensor) -> Tensor:  # (B, N, C)
-        tau = torch.where(gen, t, seq.tau)  # (B, N)
-        levels = torch.stack([zeros, t.expand(b), zeros + 1], dim=1) if factorize else None  # (B, 3)
+        t_tok = shift_time(t, token_shift)  # (N,) each token's time on its modality's clock
+        tau = torch.where(gen, t_tok, seq.tau)  # (B, N)
+        levels = None
+        if factorize:
+            extra = [shift_time(t, shifts[m]).expand(b) for m in shifted]
+            levels = torch.stack([zeros, t.expand(b), zeros + 1, *extra], dim=1)  # (B, 3 + K)
         if not use_cfg:
             return forward(seq, xs, tau, levels, index)
-        tau_u = torch.where(uncond.loss_mask, t, uncond.tau)
+        tau_u = torch.where(uncond.loss_mask, t_tok, uncond.tau)
         if paired is not None:
             lv = torch.cat([levels, levels]) if factorize else None
             ix = torch.cat([index, index]) if factorize else None
@@ -133,13 +163,15 @@ def sample(
     for i in range(int(steps)):
         t, t_next = sched[i], sched[i + 1]
         v = velocity(x, t).to(dtype)
+        tt = shift_time(t, token_shift).to(dtype)[:, None]  # (N, 1) this step's time per token
+        tt_next = shift_time(t_next, token_shift).to(dtype)[:, None]  # (N, 1)
         if method == "euler" or i == steps - 1:
-            x_new = x + (t_next - t).to(dtype) * v
+            x_new = x + (tt_next - tt) * v
         else:
-            h = (t - t_next).to(dtype)
-            drift = v + sde_scale * (x + (1.0 - t).to(dtype) * v)  # v - w(t) * score
+            h = tt - tt_next  # (N, 1)
+            drift = v + sde_scale * (x + (1.0 - tt) * v)  # v - w(t) * score
             z = torch.randn(x.shape, generator=generator, device=device, dtype=dtype) * cmask
-            x_new = x - h * drift + torch.sqrt(2.0 * sde_scale * t.to(dtype) * h) * z
+            x_new = x - h * drift + torch.sqrt(2.0 * sde_scale * tt * h) * z
         x = torch.where(gen3, x_new, x)
 
     out_x = torch.where(gen3, x, seq.x)

@@ -12,7 +12,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-MODALITIES = ("image", "video", "audio", "action")
+MODALITIES = ("image", "video", "audio", "action", "state")
+# Modalities that only ever enter as clean conditioning tokens (tau = 0, no loss): proprioception.
+CONDITIONING_MODALITIES = ("state",)
 
 Layout = tuple[tuple[str, int], ...]
 
@@ -28,6 +30,8 @@ class TokenSequence:
     loss_mask:  (B, N) bool, tokens that are noised and trained (sampled, at inference).
     text:       (B, L, Dt) text features, or None for the unconditional (null) text.
     text_mask:  (B, L) bool, True for real text tokens.
+    text_drop:  (B,) bool, rows that take the model's null text (dropped or blank captions) although
+        ``text`` is given; such a row equals the same row with text None. None = no row dropped.
     time_levels/time_index: optional factorisation ``tau == time_levels.gather(1, time_index)``
         with K distinct times per sample, so adaLN modulation is computed K times, not N times.
     """
@@ -41,6 +45,7 @@ class TokenSequence:
     text_mask: Tensor | None = None
     time_levels: Tensor | None = None
     time_index: Tensor | None = None
+    text_drop: Tensor | None = None
 
     def __post_init__(self) -> None:
         validate_layout(self.layout)
@@ -56,6 +61,8 @@ class TokenSequence:
             raise ValueError(f"TokenSequence.loss_mask must be ({batch}, {n}), got {tuple(self.loss_mask.shape)}")
         if self.text is not None and (self.text.dim() != 3 or self.text.shape[0] != batch):
             raise ValueError(f"TokenSequence.text must be ({batch}, L, Dt), got {tuple(self.text.shape)}")
+        if self.text_drop is not None and tuple(self.text_drop.shape) != (batch,):
+            raise ValueError(f"TokenSequence.text_drop must be ({batch},), got {tuple(self.text_drop.shape)}")
         if (self.time_levels is None) != (self.time_index is None):
             raise ValueError("time_levels and time_index must be given together")
 

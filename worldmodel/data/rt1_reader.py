@@ -103,6 +103,8 @@ class RT1Windows(IterableDataset):
     actions (H, 7) float32 normalized (x, y, z, roll, pitch, yaw, gripper); raw if no normalizer was given
     actions_raw (H, 7) float32; terminate (H,) float32 (1 at the terminate step); action_valid (H,) bool
     frame_steps (Tc + Tf,) int64 offsets relative to the current step (before clamping)
+    state (Tc, 8) float32, state_raw (Tc, 8): proprioception read with the context frames (only with
+        ``state=True``; normalized by ``state_normalizer`` when given): RT-1's base_pose_tool_reached + gripper_closed
     instruction str; episode_index int; step int (the current step)
 
     Padding past the episode end: actions zero, action_valid False. rank/world_size shard across DDP ranks;
@@ -128,6 +130,8 @@ class RT1Windows(IterableDataset):
         num_parallel_calls: int = 2,
         threads: int = 2,
         max_episodes: int | None = None,
+        state: bool = False,
+        state_normalizer=None,
     ):
         if min(context_frames, frame_stride, horizon, height, width) < 1 or future_frames < 0:
             raise ValueError("context_frames, frame_stride, horizon, height, width must be >= 1 and future_frames >= 0;"
@@ -148,6 +152,7 @@ class RT1Windows(IterableDataset):
         self.context_frames, self.future_frames = int(context_frames), int(future_frames)
         self.frame_stride, self.horizon = int(frame_stride), int(horizon)
         self.normalizer = normalizer
+        self.state, self.state_normalizer = bool(state), state_normalizer
         self.shuffle_buffer, self.seed, self.epoch = int(shuffle_buffer), int(seed), 0
         self.rank, self.world_size = int(rank), int(world_size)
         self.num_parallel_calls, self.threads = int(num_parallel_calls), int(threads)
@@ -181,6 +186,7 @@ class RT1Windows(IterableDataset):
         h, w = self.height, self.width
         Tc, H = self.context_frames, self.horizon
         offsets = tf.constant(self.offsets)
+        want_state = self.state
 
         files_ds = tf.data.Dataset.from_tensor_slices((paths, tf.constant(first, tf.int64)))
         if shuffle:
@@ -209,7 +215,11 @@ class RT1Windows(IterableDataset):
             frames = tf.map_fn(decode_frame, steps["observation"]["image"],
                                fn_output_signature=tf.TensorSpec((h, w, 3), tf.uint8))  # (T, h, w, 3)
             raw = tf.concat([act["world_vector"], act["rotation_delta"], act["gripper_closedness_action"]], -1)
-            return {"index": i, "frames": frames, "actions": tf.cast(raw, tf.float32),  # (T, 7)
+            obs = steps["observation"]
+            extra = {}
+            if want_state:  # (T, 8): RT-1's tool pose + gripper closedness
+                extra["state"] = tf.concat([obs["base_pose_tool_reached"], obs["gripper_closed"]], -1)
+            return {**extra, "index": i, "frames": frames, "actions": tf.cast(raw, tf.float32),  # (T, 7)
                     "terminate": tf.cast(tf.equal(act["terminate_episode"][:, 0], 1), tf.float32),  # (T,)
                     "instruction": steps["observation"]["natural_language_instruction"][0]}
 
@@ -227,9 +237,12 @@ class RT1Windows(IterableDataset):
                 safe = tf.minimum(act_idx, T - 1)
                 actions = tf.where(valid[:, None], tf.gather(ep["actions"], safe), 0.0)
                 terminate = tf.where(valid, tf.gather(ep["terminate"], safe), 0.0)
-                return {"context": frames[:Tc], "future": frames[Tc:], "actions_raw": actions, "terminate": terminate,
-                        "action_valid": valid, "frame_steps": offsets, "instruction": ep["instruction"],
-                        "episode_index": ep["index"], "step": t}
+                out = {"context": frames[:Tc], "future": frames[Tc:], "actions_raw": actions, "terminate": terminate,
+                       "action_valid": valid, "frame_steps": offsets, "instruction": ep["instruction"],
+                       "episode_index": ep["index"], "step": t}
+                if want_state:
+                    out["state_raw"] = tf.gather(ep["state"], frame_idx[:Tc])  # (Tc, 8) with the context frames
+                return out
 
             return tf.data.Dataset.range(T).map(window)
 
@@ -252,7 +265,13 @@ class RT1Windows(IterableDataset):
         valid = np.array(el["action_valid"], bool)
         norm = raw if self.normalizer is None else np.asarray(self.normalizer.normalize(raw), np.float32)
         norm = np.where(valid[:, None], norm, 0.0).astype(np.float32)
+        extra = {}
+        if self.state:
+            state_raw = np.array(el["state_raw"], np.float32)  # (Tc, 8)
+            state = state_raw if self.state_normalizer is None else self.state_normalizer.normalize(state_raw)
+            extra = {"state": torch.from_numpy(np.asarray(state, np.float32)), "state_raw": torch.from_numpy(state_raw)}
         return {
+            **extra,
             "context": frames(el["context"]), "future": frames(el["future"]),
             "actions": torch.from_numpy(norm), "actions_raw": torch.from_numpy(raw),
             "terminate": torch.from_numpy(np.array(el["terminate"], np.float32)),
