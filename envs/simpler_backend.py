@@ -144,6 +144,40 @@ def _as_arrays(opts: Any) -> Any:
     return opts
 
 
+def _quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hamilton product of wxyz quaternions."""
+    w1, x1, y1, z1 = a
+    w2, x2, y2, z2 = b
+    return np.array([w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2, w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
+                     w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2, w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2])
+
+
+def simpler_state(raw_env, obs) -> np.ndarray | None:
+    """(8,) proprioception in RT-1's layout from a SimplerEnv observation: the TCP pose in the robot base frame
+    (``extra/tcp_pose`` relative to ``agent/base_pose``, xyz + wxyz, qx >= 0) and the gripper closedness from the
+    finger joints over their limits (0 open .. 1 closed; the Google robot's finger joints grow as they close);
+    None when the observation lacks them."""
+    try:
+        base = np.asarray(obs["agent"]["base_pose"], np.float64).reshape(7)
+        tcp = np.asarray(obs["extra"]["tcp_pose"], np.float64).reshape(7)
+        qpos = np.asarray(obs["agent"]["qpos"], np.float64).reshape(-1)
+    except (KeyError, TypeError, ValueError):
+        return None
+    inv = base[3:] * np.array([1.0, -1.0, -1.0, -1.0])  # conjugate = inverse of a unit quaternion
+    rel_p = _quat_mul(_quat_mul(inv, np.concatenate([[0.0], tcp[:3] - base[:3]])), base[3:])[1:]
+    rel_q = _quat_mul(inv, tcp[3:])
+    if rel_q[1] < 0:
+        rel_q = -rel_q
+    closed = 0.0
+    try:
+        limits = np.asarray(raw_env.agent.robot.get_qlimits(), np.float64).reshape(-1, 2)[-2:]
+        closed = float(np.clip(np.mean((qpos[-2:] - limits[:, 0]) / np.maximum(limits[:, 1] - limits[:, 0], 1e-6)),
+                               0.0, 1.0))
+    except (AttributeError, TypeError, ValueError):
+        pass  # a test double without a robot: open
+    return np.concatenate([rel_p, rel_q, [closed]]).astype(np.float32)
+
+
 class SimplerSession:
     """One SimplerEnv environment serving episodes of one spec (see `EnvSession`)."""
 
@@ -158,7 +192,7 @@ class SimplerSession:
         opts = _as_arrays(self.spec.reset_options)
         obs, _ = self.env.reset(seed=self.spec.seed, options=opts) if self.spec.seed is not None \
             else self.env.reset(options=opts)
-        return Observation(self._image(obs), self._raw.get_language_instruction())
+        return Observation(self._image(obs), self._raw.get_language_instruction(), simpler_state(self._raw, obs))
 
     def _image(self, obs) -> np.ndarray:
         img = np.asarray(self._get_image(self._raw, obs))  # (512, 640, 3) uint8 overhead camera
@@ -171,7 +205,7 @@ class SimplerSession:
         # SimplerEnv's evaluator reads success as the env's `done` (= info["success"]) at the last step.
         success = bool(done) or bool(info.get("success", False))
         return StepResult(self._image(obs), bool(done), bool(truncated), success, _jsonable(info),
-                          instruction=self._raw.get_language_instruction())
+                          instruction=self._raw.get_language_instruction(), state=simpler_state(self._raw, obs))
 
     def advance_subtask(self) -> str:
         self._raw.advance_to_next_subtask()

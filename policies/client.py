@@ -137,8 +137,8 @@ class RemotePolicy(ChunkedPolicy):
     Chunks come from the server; `execute_steps=k` runs the first k actions of each chunk (default: the
     server's metadata "execute_steps", else the whole chunk); `ensemble=True` queries every step and
     averages overlapping chunks (TemporalEnsembler, weights exp(-ensemble_coeff * i), i = 0 oldest).
-    The recent frames the model conditions on (metadata "context_frames" / "frame_stride") are kept here
-    and sent with each request, so the server stays stateless.
+    The recent frames the model conditions on (the last (context_frames - 1) * frame_stride + 1, from the
+    metadata) are kept here and sent with each request, so the server stays stateless.
     `seed`: if given, request n is sampled with seed + n (reproducible rollouts).
     """
 
@@ -167,7 +167,7 @@ class RemotePolicy(ChunkedPolicy):
 
     def _query(self, frames: np.ndarray, instruction: str, states: np.ndarray | None = None) -> np.ndarray:
         """One server call -> chunk (H, 8): 7 action columns + terminate."""
-        image = frames[-1] if len(frames) == 1 else frames  # (H, W, 3) or (Tc, H, W, 3), oldest first
+        image = frames[-1] if len(frames) == 1 else frames  # (H, W, 3) or (T, H, W, 3) recent frames, oldest first
         obs = {"image": np.ascontiguousarray(image), "instruction": instruction,
                "seed": None if self.seed is None else self.seed + self.n_requests}
         if states is not None:  # (Tc, 8) read with the frames

@@ -141,18 +141,9 @@ class SelfFlowPolicy(ChunkedPolicy):
         return self._text_cache[instruction]
 
     def _context_picks(self, num_frames: int) -> list[int]:
-        """Which of ``num_frames`` given frames (oldest first) form the context: exactly Tc frames are taken as
-        the context itself (what step() and the server client send); a longer history at the control rate
-        ((Tc - 1) * stride + 1 frames or more) is subsampled at the trained stride; a single frame is an
-        episode's first (repeated, as in training)."""
-        tc, stride = self.geometry.context_frames, self.geometry.frame_stride
-        if num_frames == tc:
-            return list(range(tc))
-        if num_frames == 1 or num_frames >= (tc - 1) * stride + 1:
-            return context_indices(num_frames, tc, stride)
-        raise ValueError(f"got {num_frames} frames; pass the {tc} context frames ({stride} control steps apart, oldest "
-                         f"first), the last {(tc - 1) * stride + 1} or more frames at the control rate, or one frame "
-                         "at an episode's start")
+        """Which of ``num_frames`` recent frames (oldest first, one per control step) form the trained context:
+        offsets -(Tc-1)*stride .. 0, the first frame repeated before an episode has enough (as the reader)."""
+        return context_indices(num_frames, self.geometry.context_frames, self.geometry.frame_stride)
 
     def _context(self, frames: np.ndarray) -> torch.Tensor:
         """(T, H, W, 3) | (H, W, 3) uint8 -> (1, Tc, 3, h, w): the context the model trained on."""
@@ -216,10 +207,11 @@ class SelfFlowPolicy(ChunkedPolicy):
         """{"image": (H, W, 3) | (T, H, W, 3) uint8, "instruction", "state"?, "seed"?} -> {"actions" (H, 7),
         "terminate" (H,)}.
 
-        image: the Tc context frames (oldest first, frame_stride control steps apart; metadata says both), or
-        the recent frames at the control rate (subsampled at the trained stride), or one frame at an
-        episode's start. state: (8,) or (T, 8) proprioception read with the frames (checkpoints with a state
-        modality need it). Stateless (the server shares one instance); actions in RT-1 units.
+        image: the recent frames at the control rate, oldest first (the last (context_frames - 1) *
+        frame_stride + 1 suffice; metadata says both), from which the trained context is picked exactly as
+        step() picks it; fewer at an episode's start (the first is repeated). state: (8,) or (T, 8)
+        proprioception read with the frames (checkpoints with a state modality need it). Stateless (the
+        server shares one instance); actions in RT-1 units.
         """
         if not isinstance(observation, dict) or "image" not in observation:
             raise ValueError("observation must be a dict with 'image' (H, W, 3) uint8 and 'instruction' str")
@@ -253,7 +245,7 @@ class SelfFlowPolicy(ChunkedPolicy):
             row.history.append(row._checked(np.asarray(image)))
             row.state_history.append(check_state(None if states is None else states[i]))
             if row.queue.empty:
-                row.queue.push(self._query(row.context(), instruction, row.context_states()))
+                row.queue.push(self._query(row.recent_frames(), instruction, row.recent_states()))
             out.append(row.queue.pop()[:7])
         return np.stack(out)
 

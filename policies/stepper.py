@@ -53,8 +53,9 @@ class ChunkedPolicy:
         self.instruction: str | None = None
 
     def _query(self, frames: np.ndarray, instruction: str, states: np.ndarray | None = None) -> np.ndarray:
-        """(Tc, H, W, 3) uint8 context frames (oldest first) and optional (Tc, 8) states read with them
-        -> chunk (H, 8): 7 action columns + terminate."""
+        """(T, H, W, 3) uint8 recent frames at the control rate (oldest first, up to the context span) and
+        optional (T, 8) states read with them -> chunk (H, 8): 7 action columns + terminate. The model side
+        picks its context from them (``context_indices``), the same way for every entry point."""
         raise NotImplementedError
 
     def reset(self, instruction: str | None = None) -> None:
@@ -70,17 +71,16 @@ class ChunkedPolicy:
         if self.ensembler is not None:
             self.ensembler.reset()
 
-    def context(self) -> np.ndarray:
-        """(Tc, H, W, 3) frames at offsets -(Tc-1)*stride .. 0, the first frame repeated before the start."""
-        frames = list(self.history)
-        return np.stack([frames[i] for i in context_indices(len(frames), self.context_frames, self.frame_stride)])
+    def recent_frames(self) -> np.ndarray:
+        """(T, H, W, 3) the frames kept (oldest first): the last (Tc - 1) * stride + 1 control steps at most."""
+        return np.stack(list(self.history))
 
-    def context_states(self) -> np.ndarray | None:
-        """(Tc, 8) states read with the context frames, or None when the caller passes no state."""
+    def recent_states(self) -> np.ndarray | None:
+        """(T, 8) the states read with ``recent_frames``, or None when the caller passes no state."""
         states = list(self.state_history)
         if not states or any(s is None for s in states):
             return None
-        return np.stack([states[i] for i in context_indices(len(states), self.context_frames, self.frame_stride)])
+        return np.stack(states)
 
     def _checked(self, image) -> np.ndarray:
         """The frame as a uint8 (H, W, 3) array the same size as this episode's earlier frames (else ValueError)."""
@@ -111,14 +111,14 @@ class ChunkedPolicy:
         self.history.append(self._checked(image))
         self.state_history.append(check_state(state))
         if self.ensemble:
-            chunk = self._query(self.context(), instruction, self.context_states())
+            chunk = self._query(self.recent_frames(), instruction, self.recent_states())
             if self.ensembler is None or self.ensembler.horizon != len(chunk):
                 self.ensembler = TemporalEnsembler(len(chunk), self.ensemble_coeff)
             vec = self.ensembler.update(chunk)  # (8,)
             terminate = float(vec[7] > 0.5)
         else:
             if self.queue.empty:
-                self.queue.push(self._query(self.context(), instruction, self.context_states()))
+                self.queue.push(self._query(self.recent_frames(), instruction, self.recent_states()))
             vec = self.queue.pop()  # (8,)
             terminate = float(vec[7] > 0.5)
         a7 = np.asarray(vec[:7], dtype=np.float64)

@@ -25,7 +25,7 @@ def make_seq(batch=2, layout=(("image", 12),), channels=48, text_len=5, seed=0, 
     g = torch.Generator().manual_seed(seed)
     n = sum(c for _, c in layout)
     x = torch.randn(batch, n, channels, generator=g)
-    dims = {"image": 48, "video": 48, "audio": 64, "action": 7}
+    dims = {"image": 48, "video": 48, "audio": 64, "action": 7, "state": 8}
     x = x * channel_mask(layout, dims, channels)  # zero padding, as the packer writes it
     tau = torch.rand(batch, n, generator=g) if tau is None else tau
     pos = torch.randint(0, 4, (n, 3), generator=g).float()
@@ -136,7 +136,7 @@ def test_video_action_layout_pads_channels():
 def test_every_parameter_gets_gradient():
     torch.manual_seed(2)
     model = build_model("tiny")
-    cond = make_seq(layout=(("image", 6), ("video", 6), ("audio", 4), ("action", 3)), channels=64)
+    cond = make_seq(layout=(("image", 6), ("video", 6), ("audio", 4), ("action", 3), ("state", 2)), channels=64)
     uncond = make_seq(layout=(("video", 6), ("action", 3)), channels=48, text_len=0, seed=1)
     loss = model(cond).velocity.square().mean() + model(uncond).velocity.square().mean()
     loss.backward()

@@ -98,7 +98,7 @@ def test_teacher_gets_no_grad_and_every_used_student_param_does(tiny):
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in ema.model.parameters())
     assert not ema.model.training
-    unused = ("text_in.",) + tuple(f"{io}.{m}." for io in ("inputs", "outputs") for m in ("image", "audio"))
+    unused = ("text_in.",) + tuple(f"{io}.{m}." for io in ("inputs", "outputs") for m in ("image", "audio", "state"))
     for name, p in tiny.named_parameters():
         if not name.startswith(unused):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -253,3 +253,13 @@ def test_trained_tiny_model_reproduces_mixture(toy_models, name, method, steps):
     assert torch.allclose(weights, WEIGHTS, atol=0.08), weights
     assert torch.allclose(means, MEANS, atol=0.3), means
     assert ((stds > 0.2) & (stds < 0.5)).all(), stds
+
+
+def test_flow_metric_only_for_modalities_with_loss_tokens(tiny):
+    """A modality present only as clean context (the policy mode's video) reports no flow/<m>, not a zero."""
+    obj = SelfFlowObjective.for_model(tiny, SelfFlowConfig())
+    seq = _seq()
+    policy_like = seq.with_values(seq.x, loss_mask=seq.loss_mask & (torch.arange(8) >= 6))  # actions only
+    _, metrics = obj.loss(tiny, EMA(tiny).model, policy_like, torch.Generator().manual_seed(0))
+    assert set(metrics) == {"loss", "flow", "rep", "flow/action"}
+    assert metrics["flow/action"] == pytest.approx(metrics["flow"], rel=1e-5)

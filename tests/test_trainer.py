@@ -219,3 +219,107 @@ def test_tiny_worldmodel_selfflow_train_save_resume(tmp_path):
     ckpt = load_checkpoint(tmp_path / "b" / "checkpoint", expected_kind=KIND)
     model = sizes.build_model("tiny")
     ckpt.load_into({"model": model})
+
+
+def _pretrain_task(caption_dropout=0.0, train_text=True):
+    """The real pretraining task at toy scale: tiny backbone, 1-layer byte text encoder, 16x16 images."""
+    from worldmodel.codecs.patch import PatchCodec
+    from worldmodel.data import ProceduralImages
+    from worldmodel.pretrain import ModalityStream, PretrainTask
+    from worldmodel.selfflow import SelfFlowConfig, SelfFlowObjective
+    from worldmodel.sizes import build_model
+    from worldmodel.text import ByteTextEncoder
+
+    torch.manual_seed(0)
+    text = ByteTextEncoder(dim=32, max_len=16, layers=1).requires_grad_(train_text)
+    model = build_model("tiny", token_dim={"image": 48}, text_dim=32)
+    objective = SelfFlowObjective.for_model(model, SelfFlowConfig())
+    stream = ModalityStream("image", ProceduralImages(size=16, length=32), PatchCodec(4), batch_size=4, prob=1.0)
+    return PretrainTask(model, objective, text, [stream], caption_dropout, seed=0)
+
+
+def test_ema_covers_the_trained_text_encoder(tmp_path):
+    """Backbone and text encoder both get EMA copies (the formula), saved as the inference weights, resumable."""
+    task = _pretrain_task()
+    names = ("model", "text_encoder")
+    init = {n: {k: p.detach().clone() for k, p in task.modules()[n].named_parameters()} for n in names}
+    live = []  # live weights after each optimizer step (callbacks run after the EMA update)
+
+    def snapshot(trainer, step):
+        live.append({n: {k: p.detach().clone() for k, p in trainer.modules[n].named_parameters()} for n in names})
+
+    kw = dict(max_steps=3, warmup_steps=1, lr=1e-3, checkpoint_every=2, ema_decay=0.9)
+    trainer = make_trainer(tmp_path / "a", task, callbacks=[snapshot], eval_every=1, **kw)
+    trainer.fit()
+    assert set(trainer.emas) == set(names) and trainer.ema is trainer.emas["model"]
+    inference = trainer.inference_modules()
+    assert inference["text_encoder"] is trainer.emas["text_encoder"].model
+    assert task.text_encoder_for(trainer.ema.model) is inference["text_encoder"]  # the EMA pair for sampling / eval
+    assert task.text_encoder_for(task.model) is task.text_encoder
+    ckpt = load_checkpoint(tmp_path / "a" / "checkpoint", expected_kind=KIND)
+    for name in names:
+        expected = dict(init[name])
+        for n, weights in enumerate(live):  # warmup: d_n = min(0.9, (1 + n) / (10 + n))
+            d = min(0.9, (1 + n) / (10 + n))
+            expected = {k: d * v + (1 - d) * weights[name][k] for k, v in expected.items()}
+        ema = dict(trainer.emas[name].model.named_parameters())
+        for k, v in expected.items():
+            torch.testing.assert_close(ema[k], v, atol=1e-6, rtol=1e-5)
+        assert any(not torch.equal(ema[k], live[-1][name][k]) for k in ema), name
+        for k, v in trainer.emas[name].model.state_dict().items():  # model.safetensors holds the EMA weights
+            assert torch.equal(ckpt.weights[name][k], v), (name, k)
+
+    with pytest.raises(Interrupt):
+        make_trainer(tmp_path / "b", _pretrain_task(), callbacks=[_stop_at(2)], eval_every=2, **kw).fit()
+    resumed = make_trainer(tmp_path / "b", _pretrain_task(), **kw)
+    resumed.fit()
+    for name in names:
+        for (k, p), q in zip(trainer.emas[name].model.state_dict().items(),
+                             resumed.emas[name].model.state_dict().values()):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=f"{name} {k}")
+
+    frozen = make_trainer(tmp_path / "c", _pretrain_task(train_text=False), max_steps=1)
+    assert set(frozen.emas) == {"model"} and frozen.inference_modules()["text_encoder"] is frozen.task.text_encoder
+
+
+def test_metrics_average_only_the_micro_steps_that_report_them(tmp_path):
+    """flow/video is logged as the mean over the micro-steps whose batch has video loss tokens, not diluted."""
+    from worldmodel.selfflow import SelfFlowConfig, SelfFlowObjective
+    from worldmodel.sizes import build_model
+    from worldmodel.tokens import TokenSequence
+
+    present = [True, False, True, True]  # video loss tokens per micro-step: step 0 has 1 of 2, step 1 has 2 of 2
+    reported = []
+
+    class MixedTask:
+        def __init__(self):
+            torch.manual_seed(0)
+            self.model = build_model("tiny")
+            self.objective = SelfFlowObjective.for_model(self.model, SelfFlowConfig())
+
+        def modules(self):
+            return {"model": self.model, "objective": self.objective}
+
+        def ema_target(self):
+            return "model"
+
+        def batches(self, start_step, rank, world_size):
+            for micro in range(start_step * 2, 100):
+                yield {"micro": micro, "x": torch.randn(2, 6, 48, generator=torch.Generator().manual_seed(micro))}
+
+        def loss(self, batch, step, ema):
+            x = batch["x"]
+            loss_mask = torch.ones(2, 6, dtype=torch.bool)
+            loss_mask[:, :4] = present[batch["micro"]]  # 4 video tokens (clean context when absent), 2 actions
+            seq = TokenSequence(x=x, tau=torch.zeros(2, 6), pos=torch.zeros(6, 3), layout=(("video", 4), ("action", 2)),
+                                loss_mask=loss_mask)
+            loss, metrics = self.objective.loss(self.model, ema, seq, torch.Generator().manual_seed(batch["micro"]))
+            reported.append(metrics)
+            return loss, metrics
+
+    make_trainer(tmp_path, MixedTask(), max_steps=2, accum_steps=2, log_every=2, warmup_steps=1, lr=1e-3).fit()
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    videos = [m["flow/video"] for m, p in zip(reported, present) if p]
+    actions = [m["flow/action"] for m in reported]
+    assert record["flow/video"] == pytest.approx(sum(videos) / len(videos), rel=1e-6)
+    assert record["flow/action"] == pytest.approx(sum(actions) / len(actions), rel=1e-6)

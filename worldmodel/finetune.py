@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from worldmodel.action_modes import WindowLayout, build_sequence, draw_mode
+from worldmodel.text import blank_captions
 from worldmodel.trainer import BackboneTask
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,13 @@ class FinetuneTask(BackboneTask):
         instruction_dropout: float,
         seed: int,
         accum_steps: int = 1,
+        use_state: bool = False,
     ):
         """make_loader(start_step, rank, world_size) -> iterable of collated RT-1 window batches."""
         self.model, self.objective, self.text_encoder, self.codec = model, objective, text_encoder, codec
         self.make_loader, self.geometry, self.mode_probs = make_loader, geometry, dict(mode_probs)
         self.instruction_dropout, self.seed, self.accum_steps = instruction_dropout, seed, accum_steps
+        self.use_state = bool(use_state)  # condition on proprioception (batch["state"], (B, Tc, 8) normalized)
         draw_mode(self.mode_probs, torch.Generator().manual_seed(0))  # validate the mode names now
 
     def batches(self, start_step: int, rank: int, world_size: int):
@@ -50,20 +53,26 @@ class FinetuneTask(BackboneTask):
             micro += 1
             yield batch
 
-    def sequence(self, batch: dict, mode: str, device, drop_instructions: bool = True):
-        """The TokenSequence of ``mode`` for a collated window batch (x holds clean values)."""
+    def sequence(self, batch: dict, mode: str, device, drop_instructions: bool = True, model: nn.Module | None = None):
+        """The TokenSequence of ``mode`` for a collated window batch (x holds clean values).
+
+        Dropped and blank instructions take the backbone's null text (``text_drop``); the text encoder is the one
+        paired with ``model`` (the EMA one for the EMA backbone; None = the trained one).
+        """
         instructions = list(batch["instruction"])
+        drop = blank_captions(instructions)  # (B,)
         if drop_instructions and self.instruction_dropout > 0:
             generator = torch.Generator().manual_seed(self.seed * 7_919 + int(batch.get("micro_step", 0)))
-            keep = torch.rand(len(instructions), generator=generator) >= self.instruction_dropout
-            instructions = [s if k else "" for s, k in zip(instructions, keep.tolist())]
-        text, text_mask = self.text_encoder.encode(instructions, device=device)
+            drop |= torch.rand(len(instructions), generator=generator) < self.instruction_dropout
+        text, text_mask = self.text_encoder_for(model).encode(instructions, device=device)
         future = batch.get("future")
-        return build_sequence(
+        seq = build_sequence(
             mode, self.codec, batch["context"].to(device), None if future is None else future.to(device),
             batch["actions"].to(device), batch["terminate"].to(device), batch["action_valid"].to(device),
             self.geometry, text=text, text_mask=text_mask,
+            state=batch["state"].to(device) if self.use_state else None,
         )
+        return seq.with_values(seq.x, text_drop=drop.to(device))
 
     def loss(self, batch: dict, step: int, ema: nn.Module | None) -> tuple[Tensor, dict[str, float]]:
         device = next(self.model.parameters()).device
@@ -102,11 +111,15 @@ def init_from_pretrained(model: nn.Module, text_encoder: nn.Module, path) -> lis
     return left
 
 
-NEW_HEADS = ("inputs.action.", "outputs.action.")  # the action modality's projections, new in fine-tuning
+# the action and state modalities' projections, new in fine-tuning
+NEW_HEADS = ("inputs.action.", "outputs.action.", "inputs.state.", "outputs.state.")
 
 
-def run_finetuning(cfg, output_dir) -> dict:
-    """Build everything from the Hydra config, fine-tune, evaluate offline and write a policy checkpoint."""
+def run_finetuning(cfg, output_dir, callbacks=()) -> dict:
+    """Build everything from the Hydra config, fine-tune, evaluate offline and write a policy checkpoint.
+
+    callbacks: extra ``fn(trainer, step)`` run beside the offline evaluation (every trainer.eval_every steps).
+    """
     import json
     from pathlib import Path
 
@@ -119,6 +132,7 @@ def run_finetuning(cfg, output_dir) -> dict:
     from worldmodel.data.rt1_reader import RT1Windows, collate_rt1
     from worldmodel.data.rt1_synthetic import ensure_embedded_sample
     from worldmodel.rt1_eval import evaluate_offline, write_prediction_video
+    from worldmodel.state import STATE_DIM, load_or_compute_state_stats
     from worldmodel.trainer import Trainer
 
     output_dir = Path(output_dir)
@@ -140,8 +154,8 @@ def run_finetuning(cfg, output_dir) -> dict:
                     "to start from a pretrained world model)")
     codec = builders.build_frames_codec(OmegaConf.create(run_cfg["codec"]))
     text_encoder = builders.build_text(OmegaConf.create(run_cfg["text"]))
-    model = builders.build_backbone(cfg.model, {"video": codec.token_dim, "action": ACTION_TOKEN_DIM},
-                                    text_encoder.feature_dim)
+    model = builders.build_backbone(cfg.model, {"video": codec.token_dim, "action": ACTION_TOKEN_DIM,
+                                                "state": STATE_DIM}, text_encoder.feature_dim)
     if cfg.init_from:
         left = init_from_pretrained(model, text_encoder, cfg.init_from)
         log.info("initialised from %s; new (untrained) tensors: %s", cfg.init_from, left)
@@ -151,6 +165,8 @@ def run_finetuning(cfg, output_dir) -> dict:
                                                   blocks=int(d.get("synthetic_blocks", 3)))
     run_cfg["data"]["resolved_dir"] = str(data_dir)
     normalizer = load_or_compute_stats(data_dir, eval_fraction=float(d.eval_fraction))
+    use_state = bool(d.get("state", False))
+    state_normalizer = load_or_compute_state_stats(data_dir, float(d.eval_fraction)) if use_state else None
     geometry = WindowLayout(int(d.context_frames), int(d.future_frames), int(d.frame_stride), int(d.horizon))
 
     def windows(split: str, rank: int = 0, world_size: int = 1, seed: int = 0):
@@ -159,7 +175,8 @@ def run_finetuning(cfg, output_dir) -> dict:
                           frame_stride=geometry.frame_stride, horizon=geometry.horizon,
                           eval_fraction=float(d.eval_fraction), rank=rank, world_size=world_size, seed=seed,
                           shuffle_buffer=int(d.shuffle_buffer) if split == "train" else 0,
-                          num_parallel_calls=int(d.num_parallel_calls))
+                          num_parallel_calls=int(d.num_parallel_calls), state=use_state,
+                          state_normalizer=state_normalizer)
 
     def make_loader(start_step: int, rank: int, world_size: int):
         dataset = windows("train", rank, world_size, seed=int(cfg.seed) * 100_003 + start_step)
@@ -175,7 +192,8 @@ def run_finetuning(cfg, output_dir) -> dict:
     if geometry.future_frames == 0:
         modes = {m: (p if m == "policy" else 0.0) for m, p in modes.items()}
     task = FinetuneTask(model, objective, text_encoder, codec, make_loader, geometry, modes,
-                        float(run_cfg["text"]["caption_dropout"]), int(cfg.seed), trainer_cfg.accum_steps)
+                        float(run_cfg["text"]["caption_dropout"]), int(cfg.seed), trainer_cfg.accum_steps,
+                        use_state=use_state)
     mean_action = np.asarray(normalizer.to_dict().get("mean") or np.zeros(7), dtype=np.float64)
     results: dict = {}
 
@@ -201,7 +219,9 @@ def run_finetuning(cfg, output_dir) -> dict:
         weights.train(was_training)
 
     checkpoint_config = {"kind": builders.FINETUNE_KIND, "model": model.config, "run": run_cfg}
-    trainer = Trainer(task, trainer_cfg, checkpoint_config, extra_json={"action_stats": normalizer.to_dict()},
-                      callbacks=[evaluate])
+    extra_json = {"action_stats": normalizer.to_dict()}
+    if state_normalizer is not None:
+        extra_json["state_stats"] = state_normalizer.to_dict()
+    trainer = Trainer(task, trainer_cfg, checkpoint_config, extra_json=extra_json, callbacks=[evaluate, *callbacks])
     trainer.fit()
     return {"checkpoint": str(trainer.checkpoint_dir), "offline_eval": results, "output_dir": str(output_dir)}

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from worldmodel.data import collate
+from worldmodel.text import blank_captions
 from worldmodel.tokens import TokenSequence
 from worldmodel.trainer import BackboneTask
 
@@ -85,9 +86,11 @@ class PretrainTask(BackboneTask):
             micro += 1
             yield batch
 
-    def encode_text(self, captions: list[str | None], device) -> tuple[Tensor, Tensor]:
-        """Text features (B, L, Dt) and mask (B, L); a None or empty caption is the unconditional text."""
-        return self.text_encoder.encode([c or "" for c in captions], device=device)
+    def encode_text(self, captions: list[str | None], device, model: nn.Module | None = None):
+        """(features (B, L, Dt), mask (B, L), text_drop (B,)) from the text encoder paired with ``model``;
+        blank captions are flagged in text_drop (they take the model's null text)."""
+        text, mask = self.text_encoder_for(model).encode([c or "" for c in captions], device=device)
+        return text, mask, blank_captions(captions).to(device)
 
     def build_sequence(self, batch: dict, device) -> TokenSequence:
         """Clean tokens of one modality batch, all of them trained (loss_mask True)."""
@@ -96,12 +99,12 @@ class PretrainTask(BackboneTask):
         tokens, pos = codec.encode(batch[MEDIA_KEY[modality]].to(device))  # (B, N, C), (N, 3)
         b, n, _ = tokens.shape
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(batch["micro_step"]))
-        keep = torch.rand(b, generator=generator) >= self.caption_dropout
-        captions = [c if k else "" for c, k in zip(batch["caption"], keep.tolist())]
-        text, text_mask = self.encode_text(captions, device)
+        keep = torch.rand(b, generator=generator) >= self.caption_dropout  # (B,)
+        text, text_mask, blank = self.encode_text(batch["caption"], device)
         return TokenSequence(
             x=tokens, tau=torch.zeros(b, n, device=device), pos=pos.to(device), layout=((modality, n),),
             loss_mask=torch.ones(b, n, dtype=torch.bool, device=device), text=text, text_mask=text_mask,
+            text_drop=blank | ~keep.to(device),  # dropped or blank captions train the null text
         )
 
     def stream_for(self, modality: str) -> ModalityStream:
@@ -144,17 +147,14 @@ def generate(
     media = example[MEDIA_KEY[modality]].to(device)
     tokens, pos = stream.codec.encode(media)  # only shapes and positions are used
     b, n, _ = tokens.shape
-    text, text_mask = task.encode_text(captions, device)
-    null_text, null_mask = task.encode_text([""] * b, device)
+    text, text_mask, blank = task.encode_text(captions, device, model=model)
     seq = TokenSequence(
         x=torch.zeros_like(tokens), tau=torch.ones(b, n, device=device), pos=pos.to(device),
         layout=((modality, n),), loss_mask=torch.ones(b, n, dtype=torch.bool, device=device),
-        text=text, text_mask=text_mask,
+        text=text, text_mask=text_mask, text_drop=blank,
     )
-    uncond = seq.with_values(seq.x, text=null_text, text_mask=null_mask)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out = sample(model, seq, steps=steps, shift=shift, method=method, guidance=guidance, uncond_seq=uncond,
-                 generator=generator)
+    generator = torch.Generator(device=device).manual_seed(seed)  # unconditional: text None, the trained null text
+    out = sample(model, seq, steps=steps, shift=shift, method=method, guidance=guidance, generator=generator)
     return stream.codec.decode(out.x[..., : model.token_dim[modality]], media.shape).clamp(-1, 1)
 
 

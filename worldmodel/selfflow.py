@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodel.timesteps import TimestepDistribution, shift_time
-from worldmodel.tokens import MODALITIES, TokenSequence, channel_mask, segment_slices
+from worldmodel.tokens import CONDITIONING_MODALITIES, MODALITIES, TokenSequence, channel_mask, segment_slices
 
 # Mask ratio for actions: 0.25 (same as images). Action chunks are short (about 16 tokens), so a
 # 0.5 audio-like ratio often leaves almost no token at the cleaner time; 0.25 is a starting point
@@ -83,7 +83,7 @@ class SelfFlowConfig:
         return self.enabled and self.gamma > 0
 
     def ratio(self, modality: str) -> float:
-        if not self.enabled:
+        if not self.enabled or modality in CONDITIONING_MODALITIES:  # never noised: no second time to draw
             return 0.0
         if modality not in self.mask_ratio:
             raise ValueError(f"SelfFlowConfig.mask_ratio has no entry for {modality!r}; add one (e.g. 0.25)")
@@ -215,9 +215,11 @@ class SelfFlowObjective(nn.Module):
         valid = (seq.loss_mask[..., None] & cmask).to(torch.float32)  # (B, N, C)
         sq = (out.velocity.float() - (eps - x0).float()).square() * valid  # (B, N, C)
         flow = sq.sum() / valid.sum().clamp_min(1.0)
-        per_mod = {}
+        mod_sq: dict[str, Tensor] = {}  # per modality: summed squared error and loss-channel count (scalars)
+        mod_n: dict[str, Tensor] = {}
         for modality, sl in segment_slices(seq.layout):
-            per_mod[modality] = sq[:, sl].sum() / valid[:, sl].sum().clamp_min(1.0)
+            mod_sq[modality] = mod_sq.get(modality, 0.0) + sq[:, sl].sum()
+            mod_n[modality] = mod_n.get(modality, 0.0) + valid[:, sl].sum()
 
         rep = torch.zeros((), device=x0.device)
         if cfg.uses_teacher:
@@ -234,9 +236,14 @@ class SelfFlowObjective(nn.Module):
             rep = -(cos * lm).sum() / lm.sum().clamp_min(1.0)
 
         loss = flow + cfg.gamma * rep if cfg.uses_teacher else flow
-        names = ["loss", "flow", "rep"] + [f"flow/{m}" for m in per_mod]
-        values = torch.stack([loss.detach(), flow.detach(), rep.detach(), *[v.detach() for v in per_mod.values()]])
-        return loss, dict(zip(names, values.tolist()))  # one host sync for all metrics
+        per_mod = [(mod_sq[m] / mod_n[m].clamp_min(1.0)).detach() for m in mod_sq]
+        values = torch.stack([loss.detach(), flow.detach(), rep.detach(), *per_mod, *mod_n.values()]).tolist()
+        metrics = dict(zip(("loss", "flow", "rep"), values[:3]))  # one host sync for all metrics
+        k = len(per_mod)
+        for modality, value, count in zip(mod_sq, values[3: 3 + k], values[3 + k:]):
+            if count > 0:  # flow/<m> only where m has loss tokens: no zeros from conditioning-only modalities
+                metrics[f"flow/{modality}"] = value
+        return loss, metrics
 
 
 class EMA:

@@ -1,8 +1,10 @@
 """Text encoders for caption conditioning, caption dropout for classifier-free guidance, and a registry.
 
 Every encoder has ``feature_dim`` and ``encode(captions, device) -> (features (B, L, Dt), mask (B, L) bool)``
-with a fixed L (static shapes for compiled / graph-captured models). An empty or None caption is the
-unconditional text. The default ``ByteTextEncoder`` needs no download and is trained with the model;
+with a fixed L (static shapes for compiled / graph-captured models). The unconditional text is the backbone's
+null token: rows of dropped or blank captions (``blank_captions``) are flagged in ``TokenSequence.text_drop``
+(their encoded features are masked out), so CFG's text=None is the input that was trained. The default
+``ByteTextEncoder`` needs no download and is trained with the model;
 ``FrozenSentenceEncoder`` loads a pretrained transformer from a LOCAL folder (extra: ``transformers``).
 """
 
@@ -146,6 +148,11 @@ def drop_captions(
         raise ValueError(f"caption dropout rate must be in [0, 1], got {rate}")
     keep = torch.rand(len(captions), generator=generator) >= rate
     return [c if k else None for c, k in zip(captions, keep.tolist())]
+
+
+def blank_captions(captions: list[str | None]) -> Tensor:
+    """(B,) bool, True for None / empty / whitespace-only captions: rows that take the model's null text."""
+    return torch.tensor([not (c or "").strip() for c in captions], dtype=torch.bool)
 
 
 def build_text_encoder(name: str = "byte", dim: int | None = 256, max_len: int = 64, path: str | None = None,

@@ -4,7 +4,8 @@ A task owns its modules, data and loss; the Trainer owns optimisation: AdamW (fu
 linear warmup + cosine decay, gradient accumulation and clipping, bf16 autocast on CUDA (fp32
 master weights), optional ``torch.compile``, EMA weights (the Self-Flow teacher and the weights
 written for inference), atomic checkpoints with exact resume, data parallelism under torchrun
-(optionally FSDP2 for the EMA-tracked backbone), a progress bar, metrics JSONL + loss-curve PNG,
+(optionally FSDP2 for the EMA-tracked backbone), a progress bar, metrics JSONL + loss-curve PNG (each metric
+averaged over the micro-steps that reported it),
 and periodic callbacks for evaluation / sampling.
 """
 
@@ -28,20 +29,26 @@ from tqdm.auto import tqdm
 
 from worldmodel import distributed as wdist
 from worldmodel.checkpoint import TrainState, load_checkpoint, load_state_strict, save_checkpoint
-from worldmodel.metrics_log import MetricsLogger, plot_loss_curves
+from worldmodel.metrics_log import MetricMeans, MetricsLogger, plot_loss_curves
 
 log = logging.getLogger(__name__)
 HISTORY_KEEP = 10_000  # per-step records kept in Trainer.history
+STEP_KEYS = ("loss", "lr", "grad_norm")  # per optimizer step (loss averaged over ranks), not per micro-step
 
 
 class TrainingTask(Protocol):
-    """What the Trainer needs from a stage (pretraining, RT-1 fine-tuning, a test MLP)."""
+    """What the Trainer needs from a stage (pretraining, RT-1 fine-tuning, a test MLP).
+
+    Optional: ``ema_targets()`` names every module whose EMA copy is used for inference (default
+    ``(ema_target(),)``; modules without trainable parameters are used as they are), and
+    ``bind_inference(modules)`` receives the Trainer's inference weights ({name: module}) once.
+    """
 
     def modules(self) -> dict[str, nn.Module]:
         """Trainable modules by name ("model", "objective", ...); all are optimised and checkpointed."""
 
     def ema_target(self) -> str | None:
-        """Name of the module tracked by EMA (the student backbone), or None for no EMA."""
+        """Name of the EMA-tracked module whose copy is the teacher (the student backbone), or None for no EMA."""
 
     def batches(self, start_step: int, rank: int, world_size: int) -> Iterator[Any]:
         """This rank's micro-batches from optimizer step ``start_step`` on (accum_steps per step), deterministic."""
@@ -51,18 +58,35 @@ class TrainingTask(Protocol):
 
 
 class BackboneTask:
-    """Base of the pretraining and fine-tuning tasks: backbone + objective (projector) + text encoder,
-    with the backbone tracked by EMA (the Self-Flow teacher and the inference weights)."""
+    """Base of the pretraining and fine-tuning tasks: backbone + objective (projector) + text encoder.
+
+    The backbone's EMA is the Self-Flow teacher; the EMA backbone and the EMA text encoder (when it trains)
+    are the inference weights, always used as a pair (``text_encoder_for``).
+    """
 
     model: nn.Module
     objective: nn.Module
     text_encoder: nn.Module
+    _inference: dict[str, nn.Module] | None = None
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model, "objective": self.objective, "text_encoder": self.text_encoder}
 
     def ema_target(self) -> str:
         return "model"
+
+    def ema_targets(self) -> tuple[str, ...]:
+        return ("model", "text_encoder")
+
+    def bind_inference(self, modules: dict[str, nn.Module]) -> None:
+        self._inference = dict(modules)
+
+    def text_encoder_for(self, model: nn.Module | None) -> nn.Module:
+        """The text encoder paired with ``model``: the EMA text encoder for the EMA backbone, else the trained one."""
+        inference = self._inference or {}
+        if model is not None and model is not self.model and model is inference.get("model"):
+            return inference.get("text_encoder", self.text_encoder)
+        return self.text_encoder
 
 
 @dataclass
@@ -81,7 +105,7 @@ class TrainerConfig:
     accum_steps: int = 1  # micro-batches per optimizer step (per rank)
     precision: str = "bf16"  # "bf16": autocast to bfloat16 on CUDA (fp32 master weights); "fp32". CPU is fp32.
     compile: bool = False  # torch.compile the EMA-tracked module (and its EMA copy) in place
-    ema: bool = True  # keep EMA weights of the ema_target module (teacher + inference weights)
+    ema: bool = True  # keep EMA weights of the ema_targets modules (teacher + inference weights)
     ema_decay: float = 0.9999  # EMA decay
     ema_warmup: bool = True  # decay_n = min(decay, (1 + n) / (10 + n)) so short runs get a usable EMA
     checkpoint_every: int = 1000  # save every N steps (and always at the end); 0 = only at the end
@@ -189,6 +213,7 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / "checkpoint"
         self.step = 0
         self.history: list[dict[str, float]] = []  # per optimizer step: loss (mean over ranks), lr, grad_norm
+        self.window = MetricMeans()  # metrics since the last log line, each over the micro-steps that reported it
         seed_everything(config.seed, self.dist.rank)
 
         self.modules = dict(task.modules())
@@ -199,11 +224,8 @@ class Trainer:
         for module in self.modules.values():
             module.to(self.dist.device)  # in place: the task's references stay valid
             wdist.broadcast_module(module)
-        self.ema = None
-        if self.ema_name is not None:
-            from worldmodel.selfflow import EMA
-
-            self.ema = EMA(self.modules[self.ema_name], decay=config.ema_decay, warmup=config.ema_warmup)
+        self.emas = self._build_emas(task)  # {name: EMA}; the ema_name one is the teacher
+        self.ema = self.emas.get(self.ema_name)
         if config.fsdp:
             if self.ema_name is None:
                 raise ValueError("fsdp=True shards the task's ema_target module; this task has none (or ema=false)")
@@ -212,6 +234,8 @@ class Trainer:
         if config.compile and self.ema_name is not None:
             self.modules[self.ema_name].compile()
             self.ema.model.compile()
+        if hasattr(task, "bind_inference"):
+            task.bind_inference(self.inference_modules())
 
         self.params = _unique_trainable(self.modules)
         if not self.params:
@@ -240,21 +264,21 @@ class Trainer:
         batches = iter(self.task.batches(start, self.dist.rank, self.dist.world_size))
         bar = tqdm(total=cfg.max_steps, initial=start, disable=not (cfg.progress and self.dist.is_main),
                    dynamic_ncols=True, desc="train")
-        window: dict[str, list[float]] = {}
-        t0 = time.perf_counter()
+        self.window.clear()
+        window_steps, t0 = 0, time.perf_counter()
         for step in range(start, cfg.max_steps):
             record = self.train_step(step, batches)
-            for key, value in record.items():
-                window.setdefault(key, []).append(value)
+            window_steps += 1
             self.step = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             if cfg.log_every and self.step % cfg.log_every == 0:
                 elapsed = time.perf_counter() - t0
-                logged = {k: sum(v) / len(v) for k, v in window.items()}
-                logged["steps_per_s"] = len(window["loss"]) / max(elapsed, 1e-9)
+                logged = self.window.means()
+                logged["steps_per_s"] = window_steps / max(elapsed, 1e-9)
                 self.metrics.log(self.step, logged)
-                window, t0 = {}, time.perf_counter()
+                self.window.clear()
+                window_steps, t0 = 0, time.perf_counter()
             last = self.step == cfg.max_steps
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not last:
                 self.save()
@@ -269,14 +293,14 @@ class Trainer:
         return self.history
 
     def train_step(self, step: int, batches: Iterator[Any]) -> dict[str, float]:
-        """One optimizer step over ``accum_steps`` micro-batches; returns the step's metrics."""
+        """One optimizer step over ``accum_steps`` micro-batches; returns the step's metrics (each the mean over
+        the micro-batches that reported it) and adds them to ``self.window`` (what the next log line averages)."""
         cfg = self.cfg
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
+        means = MetricMeans()
         teacher = self.ema.model if self.ema is not None else None
         loss_sum = torch.zeros((), device=self.dist.device)
         for _ in range(cfg.accum_steps):
@@ -285,9 +309,8 @@ class Trainer:
                 loss, metrics = self.task.loss(batch, step, teacher)
             (loss / cfg.accum_steps).backward()
             loss_sum += loss.detach().float()
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-                counts[key] = counts.get(key, 0) + 1
+            means.add(metrics)
+            self.window.add({k: v for k, v in metrics.items() if k not in STEP_KEYS})
         wdist.average_gradients(self.params, self.dist.world_size)
         norm = _clip_gradients([p for p in self.params if p.grad is not None], cfg.grad_clip)
         mean_loss = wdist.all_reduce_mean(loss_sum / cfg.accum_steps)
@@ -299,9 +322,11 @@ class Trainer:
             if self.cfg.fsdp:  # a no-grad teacher forward leaves FSDP's root parameters unsharded
                 wdist.reshard_fsdp2(self.ema.model)
                 wdist.reshard_fsdp2(self.modules[self.ema_name])
-            self.ema.update(self.modules[self.ema_name])
-        record = {k: sums[k] / counts[k] for k in sums}
+            for name, ema in self.emas.items():
+                ema.update(self.modules[name])
+        record = means.means()
         record.update(loss=loss_value, lr=lr, grad_norm=float(norm))
+        self.window.add({k: record[k] for k in STEP_KEYS})
         self.history.append({"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(norm)})
         if len(self.history) > 2 * HISTORY_KEEP:  # bounded memory on long runs (metrics.jsonl has it all)
             del self.history[:-HISTORY_KEEP]
@@ -310,9 +335,22 @@ class Trainer:
     # ----------------------------------------------------------------------------------- checkpoints
 
     def inference_modules(self) -> dict[str, nn.Module]:
-        """The weights to sample / evaluate with: the EMA copy for the EMA-tracked module, else the module."""
-        return {n: (self.ema.model if n == self.ema_name and self.ema is not None else m)
-                for n, m in self.modules.items()}
+        """The weights to sample / evaluate with (and saved in model.safetensors): EMA copies where kept."""
+        return {n: (self.emas[n].model if n in self.emas else m) for n, m in self.modules.items()}
+
+    def _build_emas(self, task: TrainingTask) -> dict[str, Any]:
+        """{name: EMA} for the teacher module and every other ema_targets module with trainable parameters."""
+        if self.ema_name is None:
+            return {}
+        from worldmodel.selfflow import EMA
+
+        names = tuple(task.ema_targets()) if hasattr(task, "ema_targets") else ()
+        names = (self.ema_name, *[n for n in names if n != self.ema_name])
+        unknown = [n for n in names if n not in self.modules]
+        if unknown:
+            raise ValueError(f"task.ema_targets() names {unknown}, not in task.modules(): {list(self.modules)}")
+        return {n: EMA(self.modules[n], decay=self.cfg.ema_decay, warmup=self.cfg.ema_warmup) for n in names
+                if n == self.ema_name or any(p.requires_grad for p in self.modules[n].parameters())}
 
     def save(self, path: str | Path | None = None) -> Path:
         """Write a resumable checkpoint (collective: call on every rank; rank 0 writes)."""
@@ -327,7 +365,8 @@ class Trainer:
         if self.dist.is_main:
             meta = {
                 "ema": None if self.ema is None else {"step": self.ema.step, "decay": self.ema.decay,
-                                                      "warmup": self.ema.warmup, "module": self.ema_name},
+                                                      "warmup": self.ema.warmup, "module": self.ema_name,
+                                                      "modules": list(self.emas)},
                 "scheduler": {"step": self.step, "lr": lr_at(max(self.step - 1, 0), self.cfg)},
                 "trainer": {k: (list(v) if isinstance(v, tuple) else v)
                             for k, v in dataclasses.asdict(self.cfg).items()},
@@ -349,13 +388,15 @@ class Trainer:
             raise ValueError(f"{path} has no train state for module(s) {absent}; it holds {sorted(state.modules)}")
         for name, module in self.modules.items():
             _load_module(module, state.modules[name], f"{path}/train_state [{name}]")
-        if self.ema is not None:
-            if self.ema_name not in ckpt.weights:
-                raise ValueError(f"{path}/model.safetensors lacks EMA weights for {self.ema_name!r}; "
+        if self.emas:
+            absent = sorted(set(self.emas) - set(ckpt.weights))
+            if absent:
+                raise ValueError(f"{path}/model.safetensors lacks EMA weights for {absent}; "
                                  f"it holds {sorted(ckpt.weights)}")
-            _load_module(self.ema.model, ckpt.weights[self.ema_name], f"{path}/model.safetensors [{self.ema_name}]")
-            ema_meta = state.meta.get("ema") or {}
-            self.ema.step = int(ema_meta.get("step", state.step))
+            ema_step = int((state.meta.get("ema") or {}).get("step", state.step))
+            for name, ema in self.emas.items():  # a module saved raw (older runs) starts its EMA from those weights
+                _load_module(ema.model, ckpt.weights[name], f"{path}/model.safetensors [{name}]")
+                ema.step = ema_step
         self._load_optimizer_state(state.optimizer)
         if self.dist.rank < len(state.rng):
             set_rng_state_tensors(state.rng[self.dist.rank])
