@@ -187,3 +187,53 @@ def test_state_policy_needs_state_and_checks_it():
         policy.step(np.zeros((32, 40, 3), np.uint8))
     with pytest.raises(ValueError, match="8 finite floats"):
         policy.step(np.zeros((32, 40, 3), np.uint8), state=np.full(8, np.nan))
+
+
+# ------------------------------------------------------------------------------------------ proprioception
+def test_state_round_trip_writer_reader_checkpoint_policy(tmp_path):
+    from envs.demos import DemoEpisode, to_rt1_episode
+    from worldmodel.data.rt1_reader import RT1Windows, split_episodes
+    from worldmodel.data.rt1_writer import write_rt1_dataset
+    from worldmodel.state import load_or_compute_state_stats, stats_from_states
+
+    rng = np.random.default_rng(0)
+    demos = []
+    for seed, steps in enumerate((7, 9, 6, 8)):
+        state = rng.normal(size=(steps, 8)).astype(np.float32)
+        demos.append(DemoEpisode("maniskill/push_cube", seed, "push the cube", rng.integers(0, 255, (steps, 32, 40, 3),
+                                 dtype=np.uint8), rng.normal(size=(steps, 3)).astype(np.float32) * 0.01,
+                                 np.zeros((steps, 3), np.float32), np.ones((steps, 1), np.float32),
+                                 np.eye(steps, dtype=bool)[-1], np.zeros((steps, 7), np.float32), state))
+    episodes = [to_rt1_episode(d) for d in demos]  # frames fitted to 256x320 as the collector writes them
+    for ep, d in zip(episodes, demos):  # the collector writes RT-1's own fields
+        assert np.array_equal(ep["observation"]["base_pose_tool_reached"], d.state[:, :7])
+        assert np.array_equal(ep["observation"]["gripper_closed"], d.state[:, 7:])
+    data = write_rt1_dataset(episodes, tmp_path / "rlds")
+    geometry = WindowLayout(2, 0, 3, 2)
+    windows = list(RT1Windows(data, split="all", height=32, width=40, context_frames=2, future_frames=0,
+                              frame_stride=3, horizon=2, shuffle_buffer=0, eval_fraction=0.25, state=True))
+    assert len(windows) == sum(len(d) for d in demos)
+    for w in windows:  # the state read with each context frame, clamped to the episode start like the frames
+        state = demos[w["episode_index"]].state
+        picks = [max(w["step"] + o, 0) for o in geometry.context_offsets()]
+        assert np.allclose(w["state_raw"].numpy(), state[picks]) and np.allclose(w["state"].numpy(), state[picks])
+    stats = load_or_compute_state_stats(data, eval_fraction=0.25)
+    train = split_episodes(len(demos), "train", 0.25)
+    expected = stats_from_states(np.concatenate([demos[i].state for i in train]))
+    assert np.allclose(stats.q01, expected.q01, atol=1e-6) and np.allclose(stats.q99, expected.q99, atol=1e-6)
+    normalized = next(iter(RT1Windows(data, split="all", height=32, width=40, context_frames=2, future_frames=0,
+                                      frame_stride=3, horizon=2, shuffle_buffer=0, eval_fraction=0.25, state=True,
+                                      state_normalizer=stats)))
+    assert np.allclose(normalized["state"].numpy(), stats.normalize(normalized["state_raw"].numpy()), atol=1e-6)
+
+    policy = _policy(context_frames=2, frame_stride=3, state=True)
+    policy.state_normalizer = stats
+    loaded = SelfFlowPolicy.from_pretrained(policy.save_pretrained(tmp_path / "ckpt"), device="cpu", seed=0,
+                                            sampling_steps=2)
+    assert loaded.state_normalizer.to_dict() == stats.to_dict()
+    image, state = np.zeros((32, 40, 3), np.uint8), demos[0].state[0]
+    assert torch.allclose(loaded._states(state, 1), torch.as_tensor(stats.normalize(state[None].repeat(2, 0)))[None])
+    obs = {"image": image, "instruction": "push the cube", "state": state, "seed": 3}
+    assert np.array_equal(policy.predict_action_chunk(obs)["actions"], loaded.predict_action_chunk(obs)["actions"])
+    other = {**obs, "state": state + 1.0}  # the state reaches the model: another state, other actions
+    assert not np.array_equal(loaded.predict_action_chunk(obs)["actions"], loaded.predict_action_chunk(other)["actions"])
