@@ -52,9 +52,9 @@ class ClosedLoopConfig:
     out: str | None = None  # run folder; None = outputs/closed_loop/<task without "maniskill/">
     episodes: int = 200  # demonstrations kept
     eval_episodes: int = 100  # rollouts per final policy and per baseline (same seeds for all)
-    curve_points: int = 4  # learning-curve steps evenly spaced up to max_steps (1 = the final one only)
+    curve_points: int = 2  # learning-curve steps evenly spaced up to max_steps (1 = the final one only)
     curve_steps: tuple[int, ...] | None = None  # explicit learning-curve steps (instead of curve_points)
-    curve_episodes: int | None = None  # rollouts per curve snapshot; None = min(eval_episodes, 50)
+    curve_episodes: int | None = None  # rollouts per curve snapshot; None = min(eval_episodes, 30)
     workers: int = 1  # simulator processes for collection and evaluation
     threads: int | None = None  # torch threads in this process; None = all cores
     config: str = "finetune_maniskill"  # fine-tuning recipe in configs/
@@ -104,7 +104,7 @@ def validate(cfg: ClosedLoopConfig) -> ClosedLoopConfig:
         if "=" not in o or key in RESERVED:
             raise ValueError(f"bad override {o!r}: overrides are key=value and may not set {list(RESERVED)} "
                              "(use --objective; the data is the collected demos)")
-    curve = cfg.curve_episodes or min(cfg.eval_episodes, 50)
+    curve = cfg.curve_episodes or min(cfg.eval_episodes, 30)
     return dataclasses.replace(cfg, out=str(Path(cfg.out or default_out(cfg.task)).resolve()),
                                curve_episodes=min(curve, cfg.eval_episodes), threads=cfg.threads or os.cpu_count())
 

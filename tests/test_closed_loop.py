@@ -202,7 +202,7 @@ def test_finetune_stage_resumes_and_skips_when_finished(tmp_path, monkeypatch):
     monkeypatch.setattr(finetune, "run_finetuning", fake_run)
     config = "finetune_maniskill" if (ROOT / "configs" / "finetune_maniskill.yaml").exists() else "finetune_rt1"
     cfg = cl.validate(cl.ClosedLoopConfig(TASK, objectives=("flow_matching",), out=str(tmp_path), config=config,
-                                          overrides=("trainer.max_steps=8",), threads=1))
+                                          curve_points=4, overrides=("trainer.max_steps=8",), threads=1))
     ckpt = tmp_path / "ft_flow_matching" / "checkpoint"
     ckpt.mkdir(parents=True)
     (ckpt / "config.json").write_text(json.dumps({"train_step": 4}))  # interrupted halfway
