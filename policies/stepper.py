@@ -2,8 +2,9 @@
 
 A subclass provides `_query(frames, instruction, states) -> (H, 8)` (7 RT-1 action columns in
 physical units plus terminate) given the recent frames (and proprioception, when the caller passes
-it); this class keeps the frame and state history the model conditions on, executes k actions of each chunk (ActionQueue) or ensembles overlapping chunks (TemporalEnsembler),
-and converts to SIMPLER's action dict (policies.conventions).
+it); this class keeps the frame and state history the model conditions on, executes k actions of
+each chunk (ActionQueue) or ensembles overlapping chunks (TemporalEnsembler), and converts to
+SIMPLER's action dict (policies.conventions).
 """
 
 from __future__ import annotations

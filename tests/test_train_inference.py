@@ -236,4 +236,5 @@ def test_state_round_trip_writer_reader_checkpoint_policy(tmp_path):
     obs = {"image": image, "instruction": "push the cube", "state": state, "seed": 3}
     assert np.array_equal(policy.predict_action_chunk(obs)["actions"], loaded.predict_action_chunk(obs)["actions"])
     other = {**obs, "state": state + 1.0}  # the state reaches the model: another state, other actions
-    assert not np.array_equal(loaded.predict_action_chunk(obs)["actions"], loaded.predict_action_chunk(other)["actions"])
+    chunks = [loaded.predict_action_chunk(o)["actions"] for o in (obs, other)]
+    assert not np.array_equal(*chunks)
