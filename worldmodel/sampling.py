@@ -6,8 +6,9 @@ Tokens with ``seq.loss_mask`` True start at noise (tau = 1) and are integrated t
 time shift a_m (``SelfFlowConfig.modality_shift``, e.g. actions at 7.4) visits ``shift_time(u, a_m)``
 where the others visit u, so every modality is integrated over the times it was trained on, and joint
 sampling pairs the modalities' times exactly as training pairs them (one base time, shifted per
-modality). Every other token keeps its tau throughout and is noised once to it with the same noise draw: a no-op for clean tokens (tau = 0), pure noise for absent ones (tau = 1),
-exactly as the training objective presents them. This is how a policy samples actions given clean
+modality). Every other token keeps its tau throughout and is noised once to it with the same noise
+draw: a no-op for clean tokens (tau = 0), pure noise for absent ones (tau = 1), exactly as the
+training objective presents them. This is how a policy samples actions given clean
 frames. The returned sequence holds the sampled values on loss tokens (their tau set to 0) and the
 caller's original values elsewhere.
 
