@@ -120,6 +120,10 @@ def eval_entry(records: list[EpisodeRecord], out_dir: Path, timing: dict | None 
                        "sim_ms_per_step": 1e3 * t.get("sim_s_per_step", 0.0),
                        "episodes_per_min": t.get("episodes_per_min"), "steps": t.get("steps")}
     entry["videos"] = pick_videos(records, Path(out_dir))
+    if all(r.success_once is not None for r in records):  # success at any step, as ManiSkill3 also reports
+        entry["success_once"] = rate_entry(sum(bool(r.success_once) for r in records), len(records))
+    entry["terminated_by_policy"] = sum(bool(r.terminated_by_policy) for r in records)
+    entry["mean_steps"] = sum(r.steps for r in records) / max(len(records), 1)
     return entry
 
 
@@ -286,15 +290,18 @@ def write_report(out_dir: str | Path, results: dict) -> dict[str, Path]:
              f"{recipe.get('trainer', {}).get('max_steps', '?')} steps, init_from "
              f"{recipe.get('init_from') or 'none (from scratch)'}); {results.get('eval_episodes', '?')} evaluation "
              "episodes per policy on the same fixed seeds (ManiSkill3 EVAL_SEED_BASE + index).", "",
-             "| policy | successes | success rate [95% Wilson] | offline action MAE (predict-the-mean) | "
-             "policy / simulator ms per step |", "|---|---|---|---|---|"]
+             "Success is read at the episode's last step (the policy's terminate or the step limit), as SimplerEnv "
+             "reads it; success at any step is beside it.", "",
+             "| policy | successes | success rate [95% Wilson] | at any step | offline action MAE (predict-the-mean) | "
+             "policy / simulator ms per step |", "|---|---|---|---|---|---|"]
     for _, label, e in rows:
         off = e.get("offline") or {}
         mae = f"{off['action_mae']:.4f} ({off.get('mean_baseline_mae', float('nan')):.4f})" if "action_mae" in off \
             else "-"
         t = e.get("timing") or {}
         ms = f"{t.get('policy_ms_per_step', 0):.1f} / {t.get('sim_ms_per_step', 0):.1f}" if t else "-"
-        lines.append(f"| {label} | {e['successes']}/{e['episodes']} | {_pct(e)} | {mae} | {ms} |")
+        once = _pct(e["success_once"]) if "success_once" in e else "-"
+        lines.append(f"| {label} | {e['successes']}/{e['episodes']} | {_pct(e)} | {once} | {mae} | {ms} |")
     pending = [LABELS.get(o, o) for o in results.get("objectives", []) if "rate" not in results.get(o, {})]
     if pending:
         lines.append(f"\nNot evaluated yet: {', '.join(pending)}.")

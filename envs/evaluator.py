@@ -158,6 +158,7 @@ def run_episode(backend, policy, spec: EpisodeSpec, cfg: EvalConfig) -> EpisodeR
             rec.sim_time_s += time.perf_counter() - t
             rec.steps += 1
             success, info, image, state = bool(res.success), res.info, res.image, res.state
+            rec.success_once = bool(rec.success_once) or success
             if res.instruction is not None:
                 instruction = res.instruction
             is_final = session.is_final_subtask
@@ -174,7 +175,7 @@ def run_episode(backend, policy, spec: EpisodeSpec, cfg: EvalConfig) -> EpisodeR
             rec.video = str(write_video(path, frames, instrs, fps=cfg.video_fps))
         rec.success = success
     except Exception as e:  # noqa: BLE001 - every failure is recorded and fails the run
-        rec.success = None
+        rec.success = rec.success_once = None
         rec.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
     finally:
         if session is not None:

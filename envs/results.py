@@ -29,8 +29,9 @@ class EpisodeRecord:
     variant: str
     index: int
     seed: int | None
-    success: bool | None
+    success: bool | None  # the task's success at the LAST step (SimplerEnv's rule; the headline rate)
     steps: int = 0
+    success_once: bool | None = None  # success at any step (ManiSkill3 also reports it); None for failed runs
     instruction: str = ""
     final_instruction: str = ""
     terminated_by_policy: bool = False
