@@ -111,7 +111,7 @@ def test_report_from_fake_stage_results(tmp_path):
     paths = rep.write_report(tmp_path, results)
     md = paths["report"].read_text()
     lo, hi = results["selfflow"]["ci95"]
-    assert f"| Self-Flow | 7/40 | 17.5% [{100 * lo:.1f}, {100 * hi:.1f}] | 0.0100 (0.0200) | 12.0 / 40.0 |" in md
+    assert f"| Self-Flow | 7/40 | 17.5% [{100 * lo:.1f}, {100 * hi:.1f}] | - | 0.0100 (0.0200) | 12.0 / 40.0 |" in md
     assert "still (never moves) | 0/40 | 0.0% [0.0, " in md and "mean-demo replay" in md
     assert "(rates.png)" in md and "(learning_curve.png)" in md and "| Self-Flow | 10 | 4/20 |" in md
     assert "[success 0001](eval_x/videos/0001_default_success.mp4)" in md
