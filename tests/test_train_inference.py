@@ -238,3 +238,30 @@ def test_state_round_trip_writer_reader_checkpoint_policy(tmp_path):
     other = {**obs, "state": state + 1.0}  # the state reaches the model: another state, other actions
     chunks = [loaded.predict_action_chunk(o)["actions"] for o in (obs, other)]
     assert not np.array_equal(*chunks)
+
+
+def test_state_reaches_the_policy_through_the_server(tmp_path):
+    from policies.client import RemotePolicy
+    from policies.serve import PolicyServer
+
+    ckpt = _policy(context_frames=2, frame_stride=2, state=True).save_pretrained(tmp_path / "ckpt")
+    served = SelfFlowPolicy.from_pretrained(ckpt, device="cpu", sampling_steps=2)
+    local = SelfFlowPolicy.from_pretrained(ckpt, device="cpu", sampling_steps=2, seed=5, execute_steps=1)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (4, 32, 40, 3), dtype=np.uint8)
+    states = rng.normal(size=(4, 8)).astype(np.float32)
+    with PolicyServer(served, "127.0.0.1", 0) as server:
+        remote = RemotePolicy("127.0.0.1", server.port, seed=5, execute_steps=1, retry_until_up_s=5)
+        try:
+            remote.reset("push")
+            local.reset("push")
+            local.seed = None
+            for i, (f, s) in enumerate(zip(frames, states)):  # request i is sampled with seed 5 + i on both sides
+                local.seed = 5 + i
+                r_raw, _ = remote.step(f, state=s)
+                l_raw, _ = local.step(f, state=s)
+                np.testing.assert_allclose(r_raw["world_vector"], l_raw["world_vector"], rtol=0, atol=1e-6)
+            with pytest.raises(Exception, match="state"):
+                remote.client.infer({"image": frames[0], "instruction": "push", "state": np.zeros(5, np.float32)})
+        finally:
+            remote.close()
