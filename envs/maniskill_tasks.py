@@ -101,7 +101,7 @@ WIDOWX_BRIDGE = ActionConvention("widowx/pd_ee_target_delta_pose_align2", pos_sc
 PANDA_CONTROL = "pd_ee_delta_pose"
 BRIDGE_CONTROL = "arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos"
 EVAL_SEED_BASE = 1_000_000  # evaluation seeds = base + episode index; demos use seeds from 0: disjoint
-EVAL_EPISODES = 50
+EVAL_EPISODES = 100
 PROTOCOLS = ("standard", "visual_matching")  # the same seeded episodes; "visual_matching" for the SIMPLER CLI
 
 
