@@ -203,7 +203,10 @@ def _rows(results: dict) -> list[tuple[str, str, dict]]:
 
 
 def _errbars(entries: list[dict]):
-    return [[100 * (e["rate"] - e["ci95"][0]) for e in entries], [100 * (e["ci95"][1] - e["rate"]) for e in entries]]
+    """(2, n) whisker lengths in points; clipped at 0 (the Wilson bound at 0 or n successes is the rate itself, up to
+    rounding, and matplotlib refuses a negative length)."""
+    return [[max(0.0, 100 * (e["rate"] - e["ci95"][0])) for e in entries],
+            [max(0.0, 100 * (e["ci95"][1] - e["rate"])) for e in entries]]
 
 
 def plot_rates(rows: list[tuple[str, str, dict]], path: Path, title: str) -> Path:

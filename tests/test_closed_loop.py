@@ -324,3 +324,10 @@ def test_cli_names_the_valid_tasks(tmp_path, capsys):
     assert script.main(["--task", "maniskill/bridge_carrot_on_plate", "--out", str(tmp_path)]) == 2
     assert "no scripted demonstration solver" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_rate_plot_with_zero_and_all_successes(tmp_path):
+    from envs.closed_loop_report import plot_rates, rate_entry
+
+    rows = [("still", "never moves", rate_entry(0, 100)), ("all", "always", rate_entry(100, 100))]
+    assert plot_rates(rows, tmp_path / "rates.png", "zero and all").is_file()
