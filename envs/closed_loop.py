@@ -20,7 +20,6 @@ every stage, so an interrupted run keeps what it finished):
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -268,16 +267,10 @@ def run_finetune(cfg: ClosedLoopConfig, objective: str, rlds_dir: str | None) ->
         if ran:
             from worldmodel import finetune
 
-            kwargs = {}
-            if "callbacks" in inspect.signature(finetune.run_finetuning).parameters:
-                kwargs["callbacks"] = [snapshot_callback(ft_dir, steps)]
-            elif len(steps) > 1:
-                print("[closed loop] warning: run_finetuning takes no callbacks, so no learning-curve snapshots "
-                      "are kept (only the final checkpoint is evaluated)", file=sys.stderr, flush=True)
             start = "from scratch" if done is None else f"resuming at step {done}"
             print(f"[closed loop] finetune {objective}: {cfg.config} for {max_steps} steps ({start}) into {ft_dir}",
                   flush=True)
-            finetune.run_finetuning(recipe, ft_dir, **kwargs)
+            finetune.run_finetuning(recipe, ft_dir, callbacks=[snapshot_callback(ft_dir, steps)])
         else:
             print(f"[closed loop] finetune {objective}: {ft_dir / 'checkpoint'} is at step {done}: done", flush=True)
     offline = ft_dir / "offline_eval.json"

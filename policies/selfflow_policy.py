@@ -145,12 +145,11 @@ class SelfFlowPolicy(ChunkedPolicy):
         offsets -(Tc-1)*stride .. 0, the first frame repeated before an episode has enough (as the reader)."""
         return context_indices(num_frames, self.geometry.context_frames, self.geometry.frame_stride)
 
-    def _context(self, frames: np.ndarray) -> torch.Tensor:
-        """(T, H, W, 3) | (H, W, 3) uint8 -> (1, Tc, 3, h, w): the context the model trained on."""
-        frames = np.asarray(frames)
-        x = preprocess_frames(frames, self.height, self.width, self.device)  # (1, T, 3, h, w)
-        picks = self._context_picks(x.shape[1])
-        return x[:, picks]
+    def _inputs(self, frames, states) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Recent frames (T, H, W, 3) | (H, W, 3) uint8 and their states (T, 8) | (8,) | None -> the context the
+        model trained on: (1, Tc, 3, h, w) frames and (1, Tc, 8) normalized states (None without a state modality)."""
+        x = preprocess_frames(np.asarray(frames), self.height, self.width, self.device)  # (1, T, 3, h, w)
+        return x[:, self._context_picks(x.shape[1])], self._states(states, x.shape[1])
 
     def _states(self, states, num_frames: int) -> torch.Tensor | None:
         """(T, 8) | (8,) raw states given with ``num_frames`` frames -> (1, Tc, 8) normalized, or None."""
@@ -199,9 +198,8 @@ class SelfFlowPolicy(ChunkedPolicy):
         if seed is None and getattr(self, "_episode_seed", None) is not None:
             seed = self._episode_seed * 100_003 + self._chunks
             self._chunks += 1
-        frames = np.asarray(frames)
-        n = 1 if frames.ndim == 3 else frames.shape[0]
-        return self._sample_chunk(self._context(frames), instruction, seed, self._states(states, n))
+        context, state = self._inputs(frames, states)
+        return self._sample_chunk(context, instruction, seed, state)
 
     def predict_action_chunk(self, observation: dict) -> dict:
         """{"image": (H, W, 3) | (T, H, W, 3) uint8, "instruction", "state"?, "seed"?} -> {"actions" (H, 7),
@@ -219,10 +217,8 @@ class SelfFlowPolicy(ChunkedPolicy):
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError("observation['instruction'] is missing or empty; pass the task's language instruction")
         seed = observation.get("seed", self.seed)
-        frames = np.asarray(observation["image"])
-        n = 1 if frames.ndim == 3 else frames.shape[0]
-        chunk = self._sample_chunk(self._context(frames), instruction, seed,
-                                   self._states(observation.get("state"), n))
+        context, state = self._inputs(observation["image"], observation.get("state"))
+        chunk = self._sample_chunk(context, instruction, seed, state)
         return {"actions": chunk[:, :7].astype(np.float32), "terminate": chunk[:, 7].astype(np.float32)}
 
     def select_action(self, batch: dict) -> np.ndarray:
@@ -265,9 +261,7 @@ class SelfFlowPolicy(ChunkedPolicy):
         h, tf = self.geometry.horizon, self.geometry.future_frames
         if tf == 0:
             raise ValueError("this checkpoint was trained without future frames (data.future_frames=0)")
-        image = np.asarray(image)
-        context = self._context(image)
-        states = self._states(state, 1 if image.ndim == 3 else image.shape[0])
+        context, states = self._inputs(image, state)
         future = torch.zeros(1, tf, 3, self.height, self.width, device=self.device)
         mode = "joint" if actions is None else "dynamics"
         acts = np.zeros((h, 7), np.float32) if actions is None else self.normalizer.normalize(np.asarray(actions))

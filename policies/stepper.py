@@ -133,9 +133,9 @@ def check_state(state) -> np.ndarray | None:
     """A state as a finite float32 (8,) array (None passes through), else a ValueError naming the layout."""
     if state is None:
         return None
-    arr = np.asarray(state, dtype=np.float32).reshape(-1) if np.size(state) == 8 else np.asarray(state)
-    if arr.shape != (8,) or not np.all(np.isfinite(arr)):
+    arr = np.asarray(state)
+    if arr.shape != (8,) or arr.dtype.kind not in "fiu" or not np.all(np.isfinite(arr)):
         raise ValueError(f"state must be 8 finite floats (tool x y z, quaternion w x y z in the robot base frame, "
                          f"gripper closedness 0..1), got shape {np.shape(state)}")
-    return arr
+    return arr.astype(np.float32)
 
