@@ -47,14 +47,14 @@ def _image(shape=(256, 320, 3), seed=0) -> np.ndarray:
 
 
 def _count_chunks(policy: SelfFlowPolicy) -> list:
-    """Wrap the policy's chunk sampler; the returned list grows by one per model query."""
-    calls, original = [], policy._sample_chunk
+    """Wrap the policy's batched chunk sampler; the returned list gets each sampling call's batch size."""
+    calls, original = [], policy._sample_chunks
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
+    def counting(context, *args, **kwargs):
+        calls.append(context.shape[0])
+        return original(context, *args, **kwargs)
 
-    policy._sample_chunk = counting
+    policy._sample_chunks = counting
     return calls
 
 
@@ -226,10 +226,10 @@ def test_select_action_batches():
     first = policy.select_action(batch)
     assert first.shape == (3, 7) and np.all(np.isfinite(first))
     policy.select_action(batch)
-    assert len(calls) == 3  # one chunk per row, 2 actions executed from each
+    assert calls == [3]  # one batched sampling call for the 3 rows, 2 actions executed from each
     policy.select_action({**batch, "instruction": INSTR})
-    assert len(calls) == 6
-    with pytest.raises(ValueError, match="instructions"):
+    assert calls == [3, 3]
+    with pytest.raises(ValueError, match="instruction"):
         policy.select_action({**batch, "instruction": [INSTR] * 2})
 
 
