@@ -33,7 +33,8 @@ class PolicyServerError(RuntimeError):
     """The server answered a request with an error; `.remote_traceback` holds its traceback."""
 
     def __init__(self, message: str, remote_traceback: str = ""):
-        super().__init__(f"policy server error: {message}\n--- server traceback ---\n{remote_traceback}".rstrip())
+        trace = f"\n--- server traceback ---\n{remote_traceback}".rstrip() if remote_traceback else ""
+        super().__init__(f"policy server error: {message}{trace}")
         self.remote_message, self.remote_traceback = message, remote_traceback
 
 

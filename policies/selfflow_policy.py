@@ -63,6 +63,8 @@ class SelfFlowPolicy(ChunkedPolicy):
     camera: which `observation.images.<camera>` of a LeRobot batch the model sees (needed with several).
     """
 
+    batched_inference = True  # predict_action_chunk(list) runs one batched call (the server relies on it)
+
     def __init__(self, model, text_encoder, codec, normalizer, run_cfg: dict, device="cpu", sampling_steps: int = 10,
                  execute_steps: int | None = None, ensemble: bool = False, seed: int | None = None,
                  sticky_gripper: int = 1, state_normalizer=None, limits: Limits = DEFAULT_LIMITS,

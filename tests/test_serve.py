@@ -103,7 +103,7 @@ def test_survives_garbage_then_answers(server):
         ws.recv(timeout=5)
         ws.send(b"\xc1\xff garbage, not msgpack \x00")
         err = unpackb(ws.recv(timeout=5))
-        assert "malformed msgpack" in err["error"] and "Traceback" in err["traceback"]
+        assert "malformed msgpack" in err["error"] and "traceback" not in err  # tracebacks only with debug
         ws.send(packb({"type": "infer", "observation": {"image": _image(), "instruction": "go"}}))
         assert unpackb(ws.recv(timeout=5))["actions"].shape == (H, 7)
     with PolicyClient("127.0.0.1", server.port) as c:  # the server is still fine for others
@@ -124,7 +124,7 @@ def test_bad_requests_come_back_as_errors(server, obs, match):
     with PolicyClient("127.0.0.1", server.port) as c:
         with pytest.raises(PolicyServerError, match=match) as ei:
             c.infer(obs)
-        assert "Traceback" in ei.value.remote_traceback
+        assert ei.value.remote_traceback == ""  # the server log has it; clients get it only with debug=True
         assert c.infer({"image": _image(), "instruction": "go"})["actions"].shape == (H, 7)  # same connection
 
 
