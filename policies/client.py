@@ -8,7 +8,11 @@ Importable in the simulator's own environment (SimplerEnv pins numpy < 2 and sap
     raw_action, action = policy.step(image, instruction)       # SIMPLER's Google-robot action dict
 
 `PolicyClient` is the plain request/response layer: `infer(observation) -> {"actions", "terminate",
-"timing"}`, `reset()`, `.metadata`.
+"timing"}`, `reset()`, `.metadata`. It also talks to an openpi policy server (openpi's
+`serve_policy.py`): a server whose first message has no "protocol_version" is spoken to in openpi's
+dialect (bytes-keyed msgpack-numpy, bare observations with openpi's keys "observation/image",
+"observation/state", "prompt"; its "server_timing" is read as the timing; reset is a no-op there, and
+seeds are not sent, openpi has none). `.dialect` says which ("toolkit" or "openpi").
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from websockets.sync.client import connect
 from policies.conventions import GRIPPER_DEADZONE
 from policies.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, packb, unpackb
 from policies.stepper import ChunkedPolicy
+
+TO_OPENPI_KEYS = {"image": "observation/image", "state": "observation/state", "instruction": "prompt",
+                  "wrist_image": "observation/wrist_image"}
 
 # websockets >= 15 routes connections through $HTTP(S)_PROXY by default; a policy server never wants that.
 _NO_PROXY = {"proxy": None} if "proxy" in inspect.signature(connect).parameters else {}
@@ -52,6 +59,7 @@ class PolicyClient:
         self.uri = f"ws://{host}:{self.port}"
         self._ws = None
         self.metadata: dict[str, Any] = {}
+        self.dialect = "toolkit"
         self._connect()
 
     def _connect(self) -> None:
@@ -75,23 +83,33 @@ class PolicyClient:
         except BaseException:
             ws.close()
             raise
-        if not isinstance(metadata, dict) or metadata.get("protocol_version") != PROTOCOL_VERSION:
+        version = metadata.get("protocol_version") if isinstance(metadata, dict) else None
+        if not isinstance(metadata, dict) or version not in (None, PROTOCOL_VERSION):
             ws.close()
             raise ConnectionError(f"{self.uri} is not a policy server speaking protocol {PROTOCOL_VERSION} "
                                   f"(first message: {str(metadata)[:200]}); update the client or the server")
+        self.dialect = "toolkit" if version == PROTOCOL_VERSION else "openpi"  # openpi servers send no version
         self._ws, self.metadata = ws, metadata
 
     def _request(self, request: dict[str, Any]) -> dict[str, Any]:
         if self._ws is None:
             self._connect()
-        payload = packb(request)
+        if self.dialect == "openpi":  # a bare observation with openpi's keys; openpi has no seed
+            if request.get("type") != "infer":
+                raise ValueError(f"an openpi server answers observations only, not {request.get('type')!r}")
+            obs = request["observation"]
+            request = {TO_OPENPI_KEYS.get(k, k): v for k, v in obs.items() if k != "seed"}
+        payload = packb(request, self.dialect)
         limit = int(self.metadata.get("max_message_bytes", self.max_message_bytes))
         if len(payload) > limit:
             raise ValueError(f"request of {len(payload)} bytes exceeds the server's limit of {limit}; send a smaller "
                              "image or start the server with a larger --max-message-mb")
         try:
             self._ws.send(payload)
-            reply = unpackb(self._ws.recv(timeout=self.timeout))
+            reply = self._ws.recv(timeout=self.timeout)
+            if isinstance(reply, str):  # openpi servers answer errors with a text frame
+                raise PolicyServerError(reply[:2000])
+            reply = unpackb(reply)
         except ConnectionClosed as e:
             self._ws = None
             raise ConnectionError(f"policy server {self.uri} closed the connection ({e}); the next call "
@@ -113,12 +131,14 @@ class PolicyClient:
         """
         t0 = time.perf_counter()
         reply = self._request({"type": "infer", "observation": observation})
-        reply.setdefault("timing", {})["roundtrip_ms"] = (time.perf_counter() - t0) * 1e3
+        timing = reply.setdefault("timing", dict(reply.get("server_timing") or {}))
+        timing["roundtrip_ms"] = (time.perf_counter() - t0) * 1e3
         return reply
 
     def reset(self) -> None:
-        """Ask the server to reset the policy (a no-op for stateless policies)."""
-        self._request({"type": "reset"})
+        """Ask the server to reset the policy (a no-op for stateless policies and for openpi servers)."""
+        if self.dialect == "toolkit":
+            self._request({"type": "reset"})
 
     def close(self) -> None:
         if self._ws is not None:
