@@ -6,8 +6,10 @@ collecting until it holds `max_batch` items or `max_wait_s` has passed since it 
 `run_batch(items) -> results` once. Each result is routed to its own future: an `Exception` in the results
 becomes that request's exception only, so one bad request never touches the others. `call(fn)` runs `fn`
 alone on the same thread (reset, warm-up), in queue order, so CUDA graphs and compiled code always see one
-thread. `max_pending` bounds the queue: beyond it `submit` refuses at once (the server answers "busy")
-instead of letting memory and latency grow without limit.
+thread. `enough()` (optional) says how many items are worth waiting for (the server passes its number of
+open connections: clients send one request at a time, so a lone client never waits). `max_pending` bounds
+the queue: beyond it `submit` refuses at once (the server answers "busy") instead of letting memory and
+latency grow without limit.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class RequestBatcher:
     """One worker thread running `run_batch` on up to `max_batch` items gathered within `max_wait_s`."""
 
     def __init__(self, run_batch: Callable[[list], list], max_batch: int = 16, max_wait_s: float = 0.002,
-                 max_pending: int = 1024, name: str = "policy-infer"):
+                 max_pending: int = 1024, name: str = "policy-infer", enough: Callable[[], int] | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_s < 0:
@@ -39,7 +41,7 @@ class RequestBatcher:
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.run_batch, self.max_batch, self.max_wait_s = run_batch, int(max_batch), float(max_wait_s)
-        self.max_pending = int(max_pending)
+        self.max_pending, self.enough = int(max_pending), enough
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # size of each run_batch call, for tests and benchmarks
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
@@ -68,8 +70,9 @@ class RequestBatcher:
     def _gather(self, first: tuple) -> tuple[list[tuple], Any]:
         """The first item plus those arriving within max_wait_s (up to max_batch); returns (batch, held job)."""
         batch, deadline = [first], time.monotonic() + self.max_wait_s
+        worth = self.max_batch if self.enough is None else max(1, min(self.max_batch, self.enough()))
         while len(batch) < self.max_batch:
-            left = deadline - time.monotonic()
+            left = deadline - time.monotonic() if len(batch) < worth else 0.0  # then take only what is queued
             try:
                 job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
             except queue.Empty:

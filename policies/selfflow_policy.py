@@ -68,7 +68,7 @@ class SelfFlowPolicy(ChunkedPolicy):
     def __init__(self, model, text_encoder, codec, normalizer, run_cfg: dict, device="cpu", sampling_steps: int = 10,
                  execute_steps: int | None = None, ensemble: bool = False, seed: int | None = None,
                  sticky_gripper: int = 1, state_normalizer=None, limits: Limits = DEFAULT_LIMITS,
-                 text_cache_size: int = 256, camera: str | None = None):
+                 text_cache_size: int = 64, camera: str | None = None):
         from worldmodel.action_modes import WindowLayout
 
         data = run_cfg["data"]
@@ -180,8 +180,10 @@ class SelfFlowPolicy(ChunkedPolicy):
         """A validated observation (recent frames (T, H, W, 3) | (H, W, 3) uint8, states (T, 8) | (8,) | None) ->
         the context the model trained on: (1, Tc, 3, h, w) frames and (1, Tc, 8) normalized states (None
         without a state modality)."""
-        x = preprocess_frames(obs["image"], self.height, self.width, self.device, self.limits)  # (1, T, 3, h, w)
-        return x[:, self._context_picks(x.shape[1])], self._states(obs.get("state"), x.shape[1])
+        frames = check_image(obs["image"], self.limits)  # (T, H, W, 3)
+        picks = self._context_picks(len(frames))  # only the Tc context frames are resized (bounded work)
+        x = preprocess_frames(frames[picks], self.height, self.width, self.device, self.limits)  # (1, Tc, 3, h, w)
+        return x, self._states(obs.get("state"), len(frames))
 
     def _states(self, states: np.ndarray | None, num_frames: int) -> torch.Tensor | None:
         """(T, 8) | (8,) validated raw states given with ``num_frames`` frames -> (1, Tc, 8) normalized, or None."""

@@ -22,7 +22,8 @@ with bytes keys; a request in that dialect is answered in it ({"actions", "termi
 and its errors come back as a text frame (openpi's client raises RuntimeError on one). Observation keys
 "observation/image", "observation/wrist_image" (checked, unused), "observation/state" and "prompt" are read.
 Batching: requests from all connections go to one worker thread, which gathers up to `max_batch` of them
-(waiting at most `max_wait_ms` after the first) into one `predict_action_chunk(list)` call when the policy
+(waiting at most `max_wait_ms` after the first, and only while fewer requests than open connections are
+in hand: a lone client never waits) into one `predict_action_chunk(list)` call when the policy
 says `batched_inference = True`, else one call each. Each request keeps its seed; an error in one is
 answered to that request only (a failing batch is re-run one request at a time to find it).
 Bounds: every observation is checked before it is queued (policies.validation: pixels, frames, aspect,
@@ -124,7 +125,9 @@ class PolicyServer:
                          "limits": dict(vars(self.limits)),
                          **dict(getattr(policy, "metadata", None) or {}), **(metadata or {})}
         packb(self.metadata)  # fail now, not on the first connection, if metadata cannot travel
-        self.batcher = RequestBatcher(self._infer_batch, max_batch, max_wait_ms / 1e3, max_pending)
+        self.connections = 0  # open websocket connections: a batch waits for at most this many requests
+        self.batcher = RequestBatcher(self._infer_batch, max_batch, max_wait_ms / 1e3, max_pending,
+                                      enough=lambda: self.connections)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -210,6 +213,7 @@ class PolicyServer:
 
     async def _handler(self, ws: ServerConnection) -> None:
         prev_total_ms = None
+        self.connections += 1
         try:
             await ws.send(packb(self.metadata))
             async for message in ws:
@@ -226,6 +230,8 @@ class PolicyServer:
                 prev_total_ms = (time.perf_counter() - t_recv) * 1e3
         except websockets.exceptions.ConnectionClosed as e:  # client gone, or its message was too big (1009)
             log.info("connection from %s closed: %s", ws.remote_address, short(e))
+        finally:
+            self.connections -= 1
 
     @staticmethod
     def _process_request(connection: ServerConnection, request) -> Any:
