@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from policies.chunking import ActionQueue, TemporalEnsembler
 from policies.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ProtocolError, packb, unpackb
+from policies.validation import Limits, validate_observation
 
 if TYPE_CHECKING:
     from policies.client import PolicyClient, PolicyServerError, RemotePolicy
@@ -25,7 +26,8 @@ _LAZY = {
 }
 
 __all__ = ["ActionQueue", "TemporalEnsembler", "MAX_MESSAGE_BYTES", "PROTOCOL_VERSION", "ProtocolError", "packb",
-           "unpackb", "SelfFlowPolicy", "PolicyClient", "PolicyServerError", "RemotePolicy", "PolicyServer"]
+           "unpackb", "Limits", "validate_observation", "SelfFlowPolicy", "PolicyClient", "PolicyServerError",
+           "RemotePolicy", "PolicyServer"]
 
 
 def __getattr__(name: str) -> Any:

@@ -126,7 +126,8 @@ class PolicyServer:
                          **dict(getattr(policy, "metadata", None) or {}), **(metadata or {})}
         packb(self.metadata)  # fail now, not on the first connection, if metadata cannot travel
         self.connections = 0  # open websocket connections: a batch waits for at most this many requests
-        self.batcher = RequestBatcher(self._infer_batch, max_batch, max_wait_ms / 1e3, max_pending,
+        wait_s = max_wait_ms / 1e3 if self.batched else 0.0  # one call per request anyway: never wait
+        self.batcher = RequestBatcher(self._infer_batch, max_batch, wait_s, max_pending,
                                       enough=lambda: self.connections)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
