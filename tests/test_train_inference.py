@@ -142,13 +142,13 @@ def _policy(context_frames=3, frame_stride=2, state=False):
 
 
 def _record_contexts(policy):
-    seen, original = [], policy._sample_chunk
+    seen, original = [], policy._sample_chunks  # every entry point samples through this batched call
 
-    def spy(context, instruction, seed, state=None):
+    def spy(context, instructions, seeds, state=None):
         seen.append((context.clone(), None if state is None else state.clone()))
-        return original(context, instruction, seed, state)
+        return original(context, instructions, seeds, state)
 
-    policy._sample_chunk = spy
+    policy._sample_chunks = spy
     return seen
 
 
