@@ -103,6 +103,8 @@ def validate(cfg: ClosedLoopConfig) -> ClosedLoopConfig:
         if "=" not in o or key in RESERVED:
             raise ValueError(f"bad override {o!r}: overrides are key=value and may not set {list(RESERVED)} "
                              "(use --objective; the data is the collected demos)")
+    for objective in cfg.objectives:  # the fine-tuning recipe with the user's overrides: types and ranges at load
+        compose_recipe(cfg, objective, None)
     curve = cfg.curve_episodes or min(cfg.eval_episodes, 30)
     return dataclasses.replace(cfg, out=str(Path(cfg.out or default_out(cfg.task)).resolve()),
                                curve_episodes=min(curve, cfg.eval_episodes), threads=cfg.threads or os.cpu_count())

@@ -111,3 +111,14 @@ def test_trainer_presets_list_only_what_they_change():
             inherited.update({k: v for k, v in presets[parent].items() if k != "defaults"})
         restated = {k: v for k, v in preset.items() if k != "defaults" and inherited.get(k) == v}
         assert restated == {}, f"configs/trainer/{name}.yaml restates inherited values {restated}"
+
+
+def test_closed_loop_checks_the_recipe_before_collecting_demos():
+    from envs.closed_loop import ClosedLoopConfig
+    from envs.closed_loop import validate as validate_closed_loop
+
+    validate_closed_loop(ClosedLoopConfig(task="maniskill/push_cube", overrides=("trainer.max_steps=30",)))
+    with pytest.raises(ValueError, match=r"trainer\.max_steps"):
+        validate_closed_loop(ClosedLoopConfig(task="maniskill/push_cube", overrides=("trainer.max_steps=abc",)))
+    with pytest.raises(ValueError, match=r"modalities|Could not override"):
+        validate_closed_loop(ClosedLoopConfig(task="maniskill/push_cube", overrides=("modalities.image.prob=1",)))
