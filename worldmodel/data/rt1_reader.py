@@ -160,7 +160,7 @@ class RT1Windows(IterableDataset):
         self.rank, self.world_size = int(rank), int(world_size)
         self.num_parallel_calls, self.threads = int(num_parallel_calls), int(threads)
         self.skipped, self.skipped_episodes = 0, []
-        self.corrupt = CorruptRecords()  # corrupt records of the last pass: file -> count
+        self.corrupt = CorruptRecords()  # corrupt records of the last pass: file -> lost episode indices
         self.offsets = np.array([-(self.context_frames - 1 - i) * self.frame_stride for i in range(self.context_frames)]
                                 + [(i + 1) * self.frame_stride for i in range(self.future_frames)], np.int64)
 
@@ -292,7 +292,8 @@ class RT1Windows(IterableDataset):
         if new:
             self.skipped_episodes.extend(new)
             self.skipped += len(new)
-            corrupt = [i for i in new if i in self.corrupt.indices]
+            lost = self.corrupt.indices
+            corrupt = [i for i in new if i in lost]
             why = [f"{len(corrupt)} with a corrupt record (failed checksum: {self.corrupt.describe(set(new))})"]
             if len(corrupt) < len(new):
                 why.append(f"{len(new) - len(corrupt)} whose record or frames failed to decode")
