@@ -103,6 +103,8 @@ def validate(cfg: ClosedLoopConfig) -> ClosedLoopConfig:
         if "=" not in o or key in RESERVED:
             raise ValueError(f"bad override {o!r}: overrides are key=value and may not set {list(RESERVED)} "
                              "(use --objective; the data is the collected demos)")
+    for objective in cfg.objectives:  # the fine-tuning recipe with the user's overrides: types and ranges at load
+        compose_recipe(cfg, objective, None)
     curve = cfg.curve_episodes or min(cfg.eval_episodes, 30)
     return dataclasses.replace(cfg, out=str(Path(cfg.out or default_out(cfg.task)).resolve()),
                                curve_episodes=min(curve, cfg.eval_episodes), threads=cfg.threads or os.cpu_count())
@@ -169,13 +171,13 @@ def run_demos(cfg: ClosedLoopConfig) -> tuple[dict, bool]:
 # --------------------------------------------------------------------------------------------- finetune
 def compose_recipe(cfg: ClosedLoopConfig, objective: str, rlds_dir: str | None, config_dir: Path = ROOT / "configs"):
     """The fine-tuning config: configs/<cfg.config>.yaml + data.rt1_dir + objective + the user's overrides."""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import MissingConfigException
+
+    from worldmodel.config import compose
 
     overrides = [f"objective={objective}", *([f"data.rt1_dir={rlds_dir}"] if rlds_dir else []), *cfg.overrides]
     try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-            return compose(config_name=cfg.config, overrides=overrides)
+        return compose(cfg.config, overrides, config_dir)
     except MissingConfigException as e:
         have = sorted(p.stem for p in Path(config_dir).glob("finetune*.yaml"))
         raise FileNotFoundError(f"fine-tuning recipe {cfg.config!r} not found in {config_dir} ({e}); "

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from worldmodel.builders import resolve_device  # noqa: E402
+from worldmodel.config import validate  # noqa: E402  (registers the structured configs)
 from worldmodel.probe import probe_checkpoint, resolve_checkpoint, write_report  # noqa: E402
 
 log = logging.getLogger("probe")
@@ -22,6 +23,7 @@ log = logging.getLogger("probe")
 
 @hydra.main(config_path="../configs", config_name="probe", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    validate(cfg)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     paths = [Path(p) for p in cfg.checkpoints or []]

@@ -169,3 +169,163 @@ def test_load_weights_partial_allows_only_named_new_heads():
         load_weights_partial(dst, bad, allow_missing_prefixes=("head_action.",))
     with pytest.raises(ValueError, match="unexpected keys"):
         load_weights_partial(nn.ModuleDict({"body": nn.Linear(3, 4)}), src.state_dict())
+
+
+# ----------------------------------------------------------------------------- crash states of a save
+
+def _resumable(path, step):
+    state = _train_state()
+    state.step = step
+    config = {**_config(), "train_step": step}
+    return save_checkpoint(path, {"model": nn.Linear(3, 2)}, config, train_state=state)
+
+
+class Killed(BaseException):
+    """A process killed mid-save: no cleanup handler runs."""
+
+
+def _crash_on_call(monkeypatch, target, name, call):
+    real, calls = getattr(target, name), []
+
+    def crashing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == call:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, crashing)
+
+
+@pytest.mark.parametrize("where,call", [("replace", 1), ("replace", 2), ("replace", 3), ("rmtree", 1)])
+def test_a_crash_at_every_point_of_a_save_leaves_a_complete_checkpoint(tmp_path, monkeypatch, where, call):
+    path = tmp_path / "checkpoint"
+    _resumable(path, 3)
+    # os.replace calls of the second save: path -> .old, .tmp -> path, .old -> trash; then trash is deleted
+    _crash_on_call(monkeypatch, ck.os if where == "replace" else ck.shutil, where, call)
+    with pytest.raises(Killed):
+        _resumable(path, 6)
+    monkeypatch.undo()
+    found = ck.latest_checkpoint(path)  # every crash point here comes after .tmp was complete: step 6 survives
+    assert found is not None and load_checkpoint(found, train_state=True).train_state.step == 6
+    # the next save recovers and leaves exactly one directory
+    _resumable(path, 9)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    assert ck.checkpoint_step(path, train_state=True) == 9
+
+
+def test_only_old_copy_is_found_and_never_deleted(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint"
+    _resumable(path, 3)
+    path.rename(tmp_path / ".checkpoint.old")  # died between the two renames with no complete .tmp
+    assert ck.latest_checkpoint(path) == tmp_path / ".checkpoint.old"
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ck, "_write_train_state", boom)  # the next save fails too
+    with pytest.raises(RuntimeError, match="disk full"):
+        _resumable(path, 6)
+    found = ck.latest_checkpoint(path)
+    assert found is not None and ck.checkpoint_step(found, train_state=True) == 3  # still there, still complete
+
+
+def test_incomplete_tmp_and_half_deleted_copies_are_ignored(tmp_path):
+    path = tmp_path / "checkpoint"
+    _resumable(path, 3)
+    tmp = tmp_path / ".checkpoint.tmp"
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())  # killed before config.json
+    assert ck.latest_checkpoint(path) == path
+    (tmp / "config.json").write_text('{"kind": "worldmodel.pre')  # killed while writing config.json
+    assert ck.latest_checkpoint(path) == path
+    # only .old and a .tmp missing its train state: the .tmp cannot be resumed
+    path.rename(tmp_path / ".checkpoint.old")
+    (tmp / "config.json").write_text(json.dumps({**_config(), "train_step": 6}))
+    assert ck.latest_checkpoint(tmp_path / "checkpoint") == tmp_path / ".checkpoint.old"
+
+
+def test_damaged_files_are_named(tmp_path):
+    path = _resumable(tmp_path / "ckpt", 3)
+    (path / "stats.json").write_text('{"q01": [0.1, ')
+    with pytest.raises(ValueError, match=r"stats\.json is not valid JSON"):
+        load_checkpoint(path)
+    (path / "stats.json").unlink()
+    config = (path / "config.json").read_text()
+    (path / "config.json").write_text(config[: len(config) // 2])
+    with pytest.raises(ValueError, match=r"ckpt/config\.json is not valid JSON"):
+        load_checkpoint(path)
+    (path / "config.json").write_text(config)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"aliases": json.dumps({"model.bias": "gone"})})
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.bias' is recorded as an alias of 'gone'"):
+        load_checkpoint(path)
+    (path / "model.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"):
+        load_checkpoint(path)
+
+
+# ------------------------------------------------------------------------- what the Trainer does with them
+
+class _Line:
+    """A one-layer regression task for the Trainer; ``stop_at`` raises from the callback at that step."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.model = nn.Linear(2, 1)
+
+    def modules(self):
+        return {"model": self.model}
+
+    def ema_target(self):
+        return "model"
+
+    def batches(self, start_step, rank, world_size):
+        while True:
+            x = torch.randn(4, 2, generator=torch.Generator().manual_seed(start_step))
+            start_step += 1
+            yield {"x": x}
+
+    def loss(self, batch, step, ema):
+        loss = (self.model(batch["x"]) - batch["x"].sum(1, keepdim=True)).square().mean()
+        return loss, {"loss": loss.item()}
+
+
+class _Stop(Exception):
+    pass
+
+
+def _trainer(tmp_path, stop_at=None, **overrides):
+    from worldmodel.distributed import DistInfo
+    from worldmodel.trainer import Trainer, TrainerConfig
+
+    def stop(trainer, step):
+        if step == stop_at:
+            raise _Stop
+
+    cfg = TrainerConfig(**{**dict(output_dir=str(tmp_path), max_steps=6, lr=1e-2, warmup_steps=1, checkpoint_every=3,
+                                  log_every=1, eval_every=1, progress=False, device="cpu"), **overrides})
+    return Trainer(_Line(), cfg, {"kind": "test.line"}, callbacks=[stop], dist_info=DistInfo())
+
+
+def test_auto_resume_finds_the_copy_an_interrupted_save_left(tmp_path):
+    with pytest.raises(_Stop):
+        _trainer(tmp_path, stop_at=3).fit()  # the step-3 checkpoint is written before the callback raises
+    (tmp_path / "checkpoint").rename(tmp_path / ".checkpoint.old")  # died between the two renames of a save
+    resumed = _trainer(tmp_path)
+    assert resumed.step == 3
+    resumed.fit()
+    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == ["checkpoint"]
+    assert json.loads((tmp_path / "checkpoint" / "config.json").read_text())["train_step"] == 6
+
+
+def test_fresh_restart_rewrites_metrics_instead_of_appending(tmp_path):
+    with pytest.raises(_Stop):
+        _trainer(tmp_path, stop_at=2).fit()  # steps 1 and 2 logged, no checkpoint yet (checkpoint_every=3)
+    assert not (tmp_path / "checkpoint").exists()
+    _trainer(tmp_path).fit()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]

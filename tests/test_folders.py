@@ -2,6 +2,7 @@
 
 import json
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,11 +115,11 @@ def test_audio_folder_resample_and_corrupt(tmp_path):
     assert len(short) == 1 and short[0]["audio"].shape == (16000,) and short[0]["audio"][9000:].abs().max() == 0
 
 
-def test_tfds_images_from_directory(tmp_path):
+def _tiny_tfds(tmp_path):
+    """A prepared 5-image TFDS dataset (the last image is not a PNG)."""
     import io
 
     tfds = pytest.importorskip("tensorflow_datasets")
-    from worldmodel.data import TFDSImages
 
     class TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         VERSION = tfds.core.Version("1.0.0")
@@ -128,7 +129,7 @@ def test_tfds_images_from_directory(tmp_path):
                 "image": tfds.features.Image(shape=(None, None, 3)),
                 "label": tfds.features.ClassLabel(names=["red", "blue"]),
                 "text": tfds.features.Text(),
-            }))
+            }), disable_shuffling=True)
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples()}
@@ -142,6 +143,13 @@ def test_tfds_images_from_directory(tmp_path):
 
     builder = TinyImages(data_dir=str(tmp_path / "tfds"))
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return builder
+
+
+def test_tfds_images_from_directory(tmp_path):
+    from worldmodel.data import TFDSImages
+
+    builder = _tiny_tfds(tmp_path)
     ds = TFDSImages(builder.data_dir, split="train", caption_key="label", size=8)
     assert len(ds) == 5 and ds.num_classes == {"label": 2} and ds.class_names["label"] == ("red", "blue")
     with pytest.warns(UserWarning, match="skipping unreadable"):
@@ -161,3 +169,21 @@ def test_tfds_images_from_directory(tmp_path):
         TFDSImages(builder.data_dir, split="validation")
     with pytest.raises(FileNotFoundError, match="dataset_info.json"):
         TFDSImages(tmp_path / "missing")
+
+
+def test_tfds_images_skip_exactly_a_corrupt_record(tmp_path):
+    import struct
+
+    from worldmodel.data import TFDSImages
+
+    builder = _tiny_tfds(tmp_path)
+    (shard,) = sorted(Path(builder.data_dir).glob("*train.tfrecord*"))
+    data = bytearray(shard.read_bytes())
+    offset = 0
+    for _ in range(2):  # skip records 0 and 1
+        offset += 12 + struct.unpack("<Q", data[offset: offset + 8])[0] + 4
+    data[offset + 20: offset + 36] = bytes(b ^ 0xFF for b in data[offset + 20: offset + 36])  # inside record 2
+    shard.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=rf"skipped 1 corrupt record\(s\).*1 in {shard}"):
+        ds = TFDSImages(builder.data_dir, caption_key="text", size=8)
+    assert ds.captions == ["number 0", "number 1", "number 3", "corrupt"]

@@ -13,6 +13,7 @@ from policies.selfflow_policy import KIND, SelfFlowPolicy
 from worldmodel.action_modes import ACTION_TOKEN_DIM
 from worldmodel.actions import ActionNormalizer
 from worldmodel.builders import build_frames_codec, build_text
+from worldmodel.config import compose
 from worldmodel.sizes import build_model
 
 torch.set_num_threads(1)
@@ -23,7 +24,7 @@ INSTR = "pick coke can"
 
 def _run_cfg() -> dict:
     """configs/finetune_rt1.yaml as a plain dict, with small text settings (what the fine-tuning run stores)."""
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/finetune_rt1.yaml"), resolve=False)
+    cfg = OmegaConf.to_container(compose("finetune_rt1"))  # the composed recipe
     cfg.pop("hydra", None)
     cfg.pop("defaults", None)
     cfg["model"] = {"size": "tiny", "overrides": {}}

@@ -12,6 +12,7 @@ from policies.selfflow_policy import SelfFlowPolicy
 from worldmodel.action_modes import ACTION_TOKEN_DIM, MODES, WindowLayout, build_sequence
 from worldmodel.actions import ActionNormalizer
 from worldmodel.builders import build_frames_codec, build_text
+from worldmodel.config import compose
 from worldmodel.sampling import sample, visited_times
 from worldmodel.selfflow import SelfFlowConfig, SelfFlowObjective, dual_timestep
 from worldmodel.sizes import build_model
@@ -126,7 +127,7 @@ def test_offline_eval_samples_windows_as_the_policy_does(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ context
 def _policy(context_frames=3, frame_stride=2, state=False):
-    run = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/finetune_rt1.yaml"), resolve=False)
+    run = OmegaConf.to_container(compose("finetune_rt1"))  # the composed recipe
     run.pop("hydra", None)
     run.pop("defaults", None)
     run["model"] = {"size": "tiny", "overrides": {}}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -150,11 +151,13 @@ def read_train_steps(source, fields, eval_fraction: float = 0.1, max_episodes: i
     decoded). The pass behind the action and state statistics."""
     from worldmodel.data.rt1_reader import open_rt1_builder, split_episodes
     from worldmodel.data.tfds_images import import_tf_quietly
+    from worldmodel.data.tfrecords import CorruptRecords, record_dataset
 
     builder = open_rt1_builder(source)
     tf, tfds = import_tf_quietly(threads)
     info = builder.info.splits["train"]
-    n = int(sum(info.shard_lengths))
+    lengths = [int(n) for n in info.shard_lengths]
+    n = int(sum(lengths))
     keep = np.zeros(n, bool)
     train = split_episodes(n, "train", eval_fraction)
     keep[train[:max_episodes] if max_episodes is not None else train] = True
@@ -164,10 +167,16 @@ def read_train_steps(source, fields, eval_fraction: float = 0.1, max_episodes: i
     def parse(record):
         return fields(features.deserialize_example(record, decoders=decoders)["steps"], tf)
 
-    ds = tf.data.TFRecordDataset([str(p) for p in info.filepaths])
-    ds = tf.data.Dataset.zip((tf.data.Dataset.range(n), ds)).filter(lambda i, r: tf.gather(tf.constant(keep), i))
+    corrupt = CorruptRecords()  # the same verified record stream as RT1Windows: the same records are skipped
+    first = np.concatenate([[0], np.cumsum(lengths)])[:-1].tolist()
+    ds = record_dataset(tf, [str(p) for p in info.filepaths], first, lengths, corrupt)
+    ds = ds.filter(lambda i, r: tf.gather(tf.constant(keep), i))
     ds = ds.map(lambda i, r: parse(r), num_parallel_calls=threads).ignore_errors().prefetch(4)
     chunks = [np.array(a, np.float32) for a in ds.as_numpy_iterator()]  # each (T, D)
+    lost = sorted(i for i in corrupt.indices if keep[i])
+    if lost:
+        warnings.warn(f"{what} statistics of {source}: skipped {len(lost)} training episode(s) with a corrupt "
+                      f"record (failed checksum: {corrupt.describe(set(lost))}), as training does", stacklevel=2)
     if not chunks:
         raise ValueError(f"no training {what} could be read from {source}: is the train split empty?")
     return np.concatenate(chunks)
@@ -186,24 +195,53 @@ def load_or_compute_stats(dataset_dir: str | Path, cache_dir: str | Path | None 
                         ActionNormalizer.from_dict, cache_dir)
 
 
-def cached_stats(dataset_dir: str | Path, name: str, compute, from_dict, cache_dir: str | Path | None = None):
-    """Statistics JSON ``name`` beside the data (or under ``cache_dir`` when it is read-only): read, or
-    ``compute()`` once and written atomically. ``from_dict`` parses it; the result has ``to_dict()``."""
+def dataset_fingerprint(dataset_dir: str | Path) -> str:
+    """A digest of an RLDS version directory: the content of dataset_info.json / features.json (shard lengths
+    included) and every TFRecord shard's name, size and modification time. A rewritten, regrown or edited
+    dataset gets another fingerprint (a copy that does not keep modification times does too: its statistics
+    are recomputed once); computing it reads no shard."""
     import hashlib
 
+    directory = Path(dataset_dir).expanduser()
+    digest = hashlib.sha1()
+    for path in sorted(p for p in directory.iterdir() if p.is_file() and (
+            ".tfrecord" in p.name or p.name in ("dataset_info.json", "features.json"))):
+        stat = path.stat()
+        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+        if path.suffix == ".json":
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_stats(dataset_dir: str | Path, name: str, compute, from_dict, cache_dir: str | Path | None = None):
+    """Statistics JSON ``name`` beside the data (or under ``cache_dir`` when it is read-only): read when its
+    ``dataset_fingerprint`` matches the data's (``dataset_fingerprint``), else ``compute()`` and written
+    atomically, so a changed dataset never reuses stale statistics. ``from_dict`` parses it; the result has
+    ``to_dict()``."""
+    import hashlib
+
+    from worldmodel.checkpoint import read_json
+
     dataset_dir = Path(dataset_dir).expanduser().resolve()
+    fingerprint = dataset_fingerprint(dataset_dir)
     beside = dataset_dir / name
     default = Path.home() / ".cache" / "worldmodel" / "action_stats"
     root = Path(cache_dir).expanduser() if cache_dir is not None else default
     cached = root / f"{hashlib.sha1(str(dataset_dir).encode()).hexdigest()[:12]}_{name}"
     for path in (beside, cached):
         if path.exists():
-            return from_dict(json.loads(path.read_text()))
+            data = read_json(path)
+            if isinstance(data, dict) and data.pop("dataset_fingerprint", None) == fingerprint:
+                try:
+                    return from_dict(data)
+                except ValueError as err:
+                    raise ValueError(f"{path}: {err} (delete the file to recompute it)") from err
+            log.info("%s was computed from other data than %s holds now: recomputing", path, dataset_dir)
     stats = compute()
     target = beside if _writable(dataset_dir) else cached
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(stats.to_dict(), indent=1))
+    tmp.write_text(json.dumps({**stats.to_dict(), "dataset_fingerprint": fingerprint}, indent=1))
     os.replace(tmp, target)
     log.info("stats %s written to %s", stats, target)
     return stats

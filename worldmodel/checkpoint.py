@@ -104,13 +104,32 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete or not a checkpoint directory")
     tensors = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for key in f.keys():
-            tensors[key] = f.get_tensor(key)
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    except Exception as err:  # safetensors raises its own error types for truncated or garbled files
+        raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); the checkpoint "
+                         "is damaged: use another copy or save it again") from err
     for name, target in aliases.items():
+        if target not in tensors:
+            raise ValueError(f"{path}: tensor {name!r} is recorded as an alias of {target!r}, which the file does not "
+                             "hold; the checkpoint is damaged: use another copy or save it again")
         tensors[name] = tensors[target]
     return tensors
+
+
+def read_json(path: str | Path):
+    """A JSON file's content; a missing, truncated or garbled file is an error naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): the file is truncated or damaged; restore it or "
+                         "write it again") from err
 
 
 def _split(flat: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
@@ -195,32 +214,88 @@ def save_checkpoint(
         if not _NAME.match(name) or name == "config":
             raise ValueError(f"extra_json name {name!r} must be letters/digits/_/- and not 'config'")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    old = path.parent / f".{path.name}.old"
-    for stale in (tmp, old):
-        if stale.exists() and path.exists():  # leftovers of an interrupted save; path is complete
-            shutil.rmtree(stale)
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp, old = _sibling(path, "tmp"), _sibling(path, "old")
+    recover_checkpoint(path)  # leftovers of an interrupted save: the newest complete copy becomes ``path``
     tmp.mkdir()
     try:
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         _write_tensors(tmp / WEIGHTS, _flat({k: _state_of(m) for k, m in modules.items()}), {"format": "pt"})
         for name, data in extra_json.items():
             (tmp / f"{name}.json").write_text(json.dumps(data, indent=2, sort_keys=True))
         if train_state is not None:
             _write_train_state(tmp / TRAIN_STATE, train_state)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))  # last: marks the copy complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if path.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(path, old)  # a crash from here to the next line leaves the complete old copy at .old
+        os.replace(path, old)  # a crash from here to the next line leaves .old and a complete .tmp: both resumable
     os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
+    _discard(old)
     return path
+
+
+# --------------------------------------------------------------------------------- crash recovery
+
+
+def _sibling(path: Path, what: str) -> Path:
+    return path.parent / f".{path.name}.{what}"
+
+
+def _discard(directory: Path) -> None:
+    """Delete a directory by renaming it out of the way first, so a crash mid-delete never leaves a
+    half-deleted directory under a name that recovery would consider."""
+    if not directory.exists():
+        return
+    trash = _sibling(directory, "trash")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(directory, trash)
+    shutil.rmtree(trash)
+
+
+def checkpoint_step(directory: str | Path, train_state: bool = False) -> int | None:
+    """The training step of a COMPLETE checkpoint directory (-1 when it records none), else None.
+
+    Complete: config.json parses (it is written last) and the weights, plus the train state when
+    ``train_state``, are present.
+    """
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or not (directory / WEIGHTS).is_file():
+        return None
+    state_files = ("state.json", "modules.safetensors", "optimizer.safetensors", "rng.safetensors")
+    if train_state and not all((directory / TRAIN_STATE / f).is_file() for f in state_files):
+        return None
+    step = config.get("train_step")
+    return int(step) if isinstance(step, int) else -1
+
+
+def latest_checkpoint(path: str | Path, train_state: bool = True) -> Path | None:
+    """The newest complete checkpoint among ``path`` and what an interrupted save may have left beside it
+    (``.<name>.old``, ``.<name>.tmp``); None when there is none. Ties go to ``path``. Reads only."""
+    path = Path(path)
+    best, best_step = None, None
+    for candidate in (path, _sibling(path, "old"), _sibling(path, "tmp")):
+        step = checkpoint_step(candidate, train_state)
+        if step is not None and (best_step is None or step > best_step):
+            best, best_step = candidate, step
+    return best
+
+
+def recover_checkpoint(path: str | Path) -> Path | None:
+    """Put the newest complete copy (``latest_checkpoint``, weights only required) at ``path`` and delete the
+    other leftovers; the only complete copy is never deleted. Returns ``path`` or None when nothing is complete."""
+    path = Path(path)
+    best = latest_checkpoint(path, train_state=False)
+    if best is not None and best != path:
+        _discard(path)  # incomplete, or older than the copy being promoted
+        os.replace(best, path)
+    for leftover in (_sibling(path, "tmp"), _sibling(path, "old")):
+        _discard(leftover)
+    return path if best is not None else None
 
 
 def _write_train_state(directory: Path, state: TrainState) -> None:
@@ -245,11 +320,14 @@ def load_checkpoint(
     path = Path(path)
     if not (path / CONFIG).exists():
         hint = ""
-        backup = path.parent / f".{path.name}.old"
-        if backup.exists():
-            hint = f" (a complete previous copy is at {backup}: a save was interrupted; rename it back)"
+        backup = latest_checkpoint(path, train_state=False)
+        if backup is not None:
+            hint = (f" (a complete previous copy is at {backup}: a save was interrupted; the Trainer's resume='auto' "
+                    "uses it, or rename it back)")
         raise FileNotFoundError(f"{path / CONFIG} not found: {path} is not a checkpoint directory{hint}")
-    config = json.loads((path / CONFIG).read_text())
+    config = read_json(path / CONFIG)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / CONFIG} must hold a JSON object with a 'kind', got {type(config).__name__}")
     kind = config.get("kind")
     if expected_kind is not None:
         allowed = (expected_kind,) if isinstance(expected_kind, str) else tuple(expected_kind)
@@ -258,7 +336,7 @@ def load_checkpoint(
             raise ValueError(f"the checkpoint {path} was written by {kind!r}, expected {wanted}: "
                              "pass a checkpoint of the right kind")
     weights = _split(_read_tensors(path / WEIGHTS))
-    extra = {p.stem: json.loads(p.read_text()) for p in sorted(path.glob("*.json")) if p.name != CONFIG}
+    extra = {p.stem: read_json(p) for p in sorted(path.glob("*.json")) if p.name != CONFIG}
     state = _read_train_state(path / TRAIN_STATE) if train_state else None
     return Checkpoint(path=path, config=config, weights=weights, extra_json=extra, train_state=state)
 
@@ -267,7 +345,7 @@ def _read_train_state(directory: Path) -> TrainState:
     if not (directory / "state.json").exists():
         raise FileNotFoundError(f"{directory}/state.json not found: this checkpoint holds inference weights only "
                                 "and cannot be resumed; start a fresh run or point to one saved by the Trainer")
-    meta = json.loads((directory / "state.json").read_text())
+    meta = read_json(directory / "state.json")
     modules = _split(_read_tensors(directory / "modules.safetensors"))
     optimizer = unpack_tree(meta["optimizer"], _read_tensors(directory / "optimizer.safetensors"))
     rng_flat = _read_tensors(directory / "rng.safetensors")
@@ -326,5 +404,6 @@ def _load_named(weights: Mapping[str, Mapping[str, Tensor]], modules: Mapping[st
 
 __all__ = [
     "Checkpoint", "TrainState", "save_checkpoint", "load_checkpoint", "load_state_strict", "load_weights_partial",
-    "check_state", "pack_tree", "unpack_tree",
+    "check_state", "pack_tree", "unpack_tree", "checkpoint_step", "latest_checkpoint", "recover_checkpoint",
+    "read_json",
 ]

@@ -129,6 +129,7 @@ def run_finetuning(cfg, output_dir, callbacks=()) -> dict:
     from worldmodel import builders
     from worldmodel.action_modes import ACTION_TOKEN_DIM, MODES
     from worldmodel.actions import load_or_compute_stats
+    from worldmodel.checkpoint import read_json
     from worldmodel.data.rt1_reader import RT1Windows, collate_rt1
     from worldmodel.data.rt1_synthetic import ensure_embedded_sample
     from worldmodel.rt1_eval import evaluate_offline, write_prediction_video
@@ -140,7 +141,7 @@ def run_finetuning(cfg, output_dir, callbacks=()) -> dict:
     torch.manual_seed(int(cfg.seed))
     run_cfg = builders.plain(cfg)
     if cfg.init_from:
-        pre = json.loads((Path(cfg.init_from) / "config.json").read_text())
+        pre = read_json(Path(cfg.init_from) / "config.json")  # a damaged file is an error naming it
         if pre.get("kind") != builders.PRETRAIN_KIND:
             raise ValueError(f"init_from={cfg.init_from} holds a {pre.get('kind')!r} checkpoint; "
                              f"pass a pretraining checkpoint dir (outputs/pretrain/<time>/checkpoint)")

@@ -101,6 +101,11 @@ class MetricsLogger:
         kept = [r for r in read_metrics(self.path) if r["step"] <= step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
+    def reset(self) -> None:
+        """Empty the log (a run starting fresh in a folder that holds an earlier run's metrics.jsonl)."""
+        if self.enabled and self.path.exists():
+            self.path.write_text("")
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from worldmodel import distributed as wdist
-from worldmodel.checkpoint import TrainState, load_checkpoint, load_state_strict, save_checkpoint
+from worldmodel.checkpoint import TrainState, latest_checkpoint, load_checkpoint, load_state_strict, save_checkpoint
 from worldmodel.metrics_log import MetricMeans, MetricsLogger, plot_loss_curves
 
 log = logging.getLogger(__name__)
@@ -251,10 +251,12 @@ class Trainer:
         self.metrics = MetricsLogger(self.output_dir, enabled=self.dist.is_main, tensorboard=config.tensorboard,
                                      wandb_project=config.wandb_project, run_config=dataclasses.asdict(config))
         resume = config.resume
-        if resume == "auto":
-            resume = str(self.checkpoint_dir) if (self.checkpoint_dir / "config.json").exists() else None
+        if resume == "auto":  # the newest complete copy, whatever an interrupted save left
+            resume = latest_checkpoint(self.checkpoint_dir)
         if resume:
             self.load(resume)
+        else:
+            self.metrics.reset()  # a fresh start rewrites metrics.jsonl rather than appending to an old run's
 
     # ------------------------------------------------------------------------------------------ loop
 

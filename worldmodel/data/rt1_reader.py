@@ -9,7 +9,9 @@ in parallel, and every step of it becomes a window. TensorFlow sees no GPU and h
 Episode index = record position in the ``train`` split (file order). The held-out split is a fixed,
 deterministic set of episodes (the ``eval_fraction`` of them with the smallest hash of their index);
 sharding over DDP ranks x DataLoader workers is by shard file when there are enough files, else by episode.
-An episode whose record or frames fail to decode is skipped and counted in ``.skipped`` (end of each pass).
+Records are read one by one with their checksums verified (worldmodel.data.tfrecords): a corrupt record loses
+its own episode only. An episode whose record is corrupt or whose frames fail to decode is skipped and counted in
+``.skipped`` (end of each pass; the warning names the count and the file of each corrupt record).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from worldmodel.data.rt1_schema import GCS_PATH, check_rt1_schema
+from worldmodel.data.tfrecords import CorruptRecords, record_dataset
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +160,7 @@ class RT1Windows(IterableDataset):
         self.rank, self.world_size = int(rank), int(world_size)
         self.num_parallel_calls, self.threads = int(num_parallel_calls), int(threads)
         self.skipped, self.skipped_episodes = 0, []
+        self.corrupt = CorruptRecords()  # corrupt records of the last pass: file -> lost episode indices
         self.offsets = np.array([-(self.context_frames - 1 - i) * self.frame_stride for i in range(self.context_frames)]
                                 + [(i + 1) * self.frame_stride for i in range(self.future_frames)], np.int64)
 
@@ -188,15 +192,9 @@ class RT1Windows(IterableDataset):
         offsets = tf.constant(self.offsets)
         want_state = self.state
 
-        files_ds = tf.data.Dataset.from_tensor_slices((paths, tf.constant(first, tf.int64)))
-        if shuffle:
-            files_ds = files_ds.shuffle(len(paths), seed=seed)
-
-        def read_file(path, start):
-            return tf.data.Dataset.zip((tf.data.Dataset.range(start, tf.int64.max), tf.data.TFRecordDataset(path)))
-
-        ds = files_ds.interleave(read_file, cycle_length=min(4, max(len(paths), 1)), num_parallel_calls=1,
-                                 deterministic=True)
+        self.corrupt = CorruptRecords()  # filled as the records are read (in the process iterating)
+        ds = record_dataset(tf, paths, first, [self.shard_lengths[f] for f in files], self.corrupt,
+                            shuffle_seed=seed if shuffle else None)
         ds = ds.filter(lambda i, rec: tf.gather(keep_t, i))
 
         def decode_frame(jpeg):  # bytes -> (h, w, 3) uint8, resized to cover then centre-cropped
@@ -224,7 +222,7 @@ class RT1Windows(IterableDataset):
                     "instruction": steps["observation"]["natural_language_instruction"][0]}
 
         ds = ds.map(parse, num_parallel_calls=self.num_parallel_calls, deterministic=True)
-        ds = ds.ignore_errors()  # a corrupt record or frame drops its episode; counted after the pass
+        ds = ds.ignore_errors()  # a record that fails to parse, or a frame to decode, drops its episode alone
 
         def windows(ep):
             T = tf.shape(ep["frames"], out_type=tf.int64)[0]
@@ -294,8 +292,14 @@ class RT1Windows(IterableDataset):
         if new:
             self.skipped_episodes.extend(new)
             self.skipped += len(new)
-            warnings.warn(f"RT1Windows: skipped {len(new)} episode(s) of {self.dataset_dir} whose record or frames "
-                          f"failed to decode (episode indices {new[:10]}); total skipped {self.skipped}", stacklevel=2)
+            lost = self.corrupt.indices
+            corrupt = [i for i in new if i in lost]
+            why = [f"{len(corrupt)} with a corrupt record (failed checksum: {self.corrupt.describe(set(new))})"]
+            if len(corrupt) < len(new):
+                why.append(f"{len(new) - len(corrupt)} whose record or frames failed to decode")
+            why = ", ".join(why[0 if corrupt else 1:])
+            warnings.warn(f"RT1Windows: skipped {len(new)} episode(s) of {self.dataset_dir}: {why} "
+                          f"(episode indices {new[:10]}); total skipped {self.skipped}", stacklevel=2)
 
 
 def collate_rt1(batch: list[dict]) -> dict:

@@ -2,7 +2,8 @@
 
 The dataset is opened with ``tfds.builder_from_directory(dataset_dir)`` (the version directory, e.g.
 ``~/tensorflow_datasets/cifar10/3.0.2``), never by name: loading by name may try to download. The split
-is read once with image decoding skipped, so the dataset holds the encoded image bytes (a few KB each)
+is read once, record by record with checksums verified (a corrupt record is skipped alone and named in a
+warning), with image decoding skipped, so the dataset holds the encoded image bytes (a few KB each)
 and decodes one image per ``__getitem__``: random access without holding decoded pixels.
 TensorFlow is kept off GPUs and its thread pools are capped, so it does not compete with PyTorch.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from worldmodel.data.folders import SkipCounter, resize_center_crop
+from worldmodel.data.tfrecords import CorruptRecords, record_dataset
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,16 @@ class TFDSImages(SkipCounter, Dataset):
         caption_feature = features[caption_key] if caption_key else None
         is_class = isinstance(caption_feature, tfds.features.ClassLabel)
         self._class_names = tuple(caption_feature.names) if is_class else None
-        ds = builder.as_dataset(split=split, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()})
+        decoders = {image_key: tfds.decode.SkipDecoding()}
+        self.corrupt = CorruptRecords()  # records failing their checksum: skipped one by one, named in a warning
+        if builder.info.file_format == tfds.core.FileFormat.TFRECORD:
+            info = builder.info.splits[split]
+            lengths = [int(n) for n in info.shard_lengths]
+            first = np.concatenate([[0], np.cumsum(lengths)])[:-1].tolist()
+            ds = record_dataset(tf, [str(p) for p in info.filepaths], first, lengths, self.corrupt, cycle_length=1)
+            ds = ds.map(lambda i, record: features.deserialize_example(record, decoders=decoders))
+        else:  # another file format (array_record): tfds reads it
+            ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
         self.images: list[bytes] = []
         self.captions: list[str] = []
         self.classes: list[int] = []
@@ -93,6 +105,10 @@ class TFDSImages(SkipCounter, Dataset):
                 self.captions.append("")
             else:
                 self.captions.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+        if self.corrupt.per_file:
+            lost = sum(len(v) for v in self.corrupt.per_file.values())
+            warnings.warn(f"TFDSImages: skipped {lost} corrupt record(s) of split {split!r} (failed checksum: "
+                          f"{self.corrupt.describe()})", stacklevel=2)
         if not self.images:
             raise ValueError(f"split {split!r} of {path} has no examples; pick another split or re-prepare the dataset")
         self.caption_key = caption_key
