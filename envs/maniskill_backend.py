@@ -185,6 +185,9 @@ class ManiSkillBackend:
     """
 
     name = "maniskill"
+    # The demos record rotation_delta as roll/pitch/yaw (ActionConvention.env_to_rt1) and the session reads
+    # rot_axangle as axis-angle, so a policy trained on them is converted rpy -> axis-angle.
+    default_rotation = "rpy"
 
     def __init__(self, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, reuse_env: bool = True):
         self.image_size, self.reuse_env = tuple(image_size), reuse_env

@@ -242,6 +242,7 @@ class SimplerBackend:
     """
 
     name = "simpler"
+    default_rotation = "axis_angle"  # SimplerEnv's RT-1 wrapper for the Google robot passes rotation_delta through
 
     def __init__(self, reuse_env: bool = True, cpu_render: bool | str = "auto"):
         self.reuse_env, self.cpu_render = reuse_env, parse_cpu_render(cpu_render)
