@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from envs.backend import EpisodeSpec, backend_for, resolve_episodes, select_episodes
+from envs.backend import EpisodeSpec, backend_episodes, backend_for, resolve_episodes, select_episodes
 from envs.eval_workers import run_parallel
 from envs.policy_server_pool import PolicyServerProcess, shared_server_spec
 from envs.results import EpisodeRecord, aggregate, write_results
@@ -54,6 +54,8 @@ class EvalConfig:
         returning an object with reset/step; one per worker).
     backend: None = the task's registered backend; or "module:callable" building a Backend (tests).
     backend_options: passed to `backend.make(spec, **options)` (SIMPLER: cpu_render, reuse_env).
+    task_options: the task's settings beside the registry's (ManiSkill3: env_id, instruction, max_steps; a
+        maniskill/<name> outside the registry is defined by them).
     rotation: rotation convention (policies.conventions.ROTATION_CONVENTIONS) turning the policy's raw
         rotation_delta into rot_axangle; None = the backend's default (SIMPLER Google robot: "axis_angle").
     ignore_terminate: never end an episode (or advance a subtask) on the policy's terminate signal.
@@ -74,6 +76,7 @@ class EvalConfig:
     progress: bool = True
     rotation: str | None = None
     ignore_terminate: bool = False
+    task_options: dict[str, Any] = field(default_factory=dict)
     resume: bool = True  # keep episodes recorded in output_dir by an interrupted run with the same settings
 
 
@@ -233,7 +236,8 @@ def run_and_save(backend, policy, spec: EpisodeSpec, cfg: EvalConfig) -> Episode
 def run_settings(cfg: EvalConfig, rotation: str) -> dict[str, Any]:
     """What decides the episodes' outcomes (a resumed run must match it; workers and progress may differ)."""
     options = {k: v for k, v in cfg.backend_options.items() if k != "render"}  # render: informational
-    return {"task": cfg.task, "protocol": cfg.protocol, "episodes": cfg.episodes, "policy": cfg.policy,
+    return {"task": cfg.task, "task_options": cfg.task_options, "protocol": cfg.protocol, "episodes": cfg.episodes,
+            "policy": cfg.policy,
             "policy_files": _checkpoint_files(cfg.policy),
             "backend": cfg.backend, "backend_options": options, "rotation": rotation,
             "ignore_terminate": cfg.ignore_terminate, "video": cfg.video, "video_fps": cfg.video_fps}
@@ -286,9 +290,9 @@ def evaluate(cfg: EvalConfig, policy=None) -> EvalResult:
         raise ValueError("no policy: give --checkpoint, --policy-server host:port, or a policy object")
     backend = build_backend(cfg)
     if cfg.backend:  # an explicit backend (tests, custom simulators) serves the task name itself
-        specs = select_episodes(backend.episodes(cfg.task, cfg.protocol), cfg.episodes)
+        specs = select_episodes(backend_episodes(backend, cfg.task, cfg.protocol, cfg.task_options), cfg.episodes)
     else:
-        specs = resolve_episodes(cfg.task, cfg.protocol, cfg.episodes)
+        specs = resolve_episodes(cfg.task, cfg.protocol, cfg.episodes, cfg.task_options)
     rotation = resolve_rotation(cfg, backend)
     store = EpisodeStore(cfg.output_dir)
     if policy is not None or not cfg.resume:
