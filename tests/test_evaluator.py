@@ -174,3 +174,30 @@ def test_ignore_terminate_runs_to_the_step_limit(tmp_path):
     assert all(r.steps == simpler_double.TASKS["reach"] and not r.terminated_by_policy for r in res.records)
     assert all(r.success for r in res.records)  # it stays on the target
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["meta"]["ignore_terminate"] is True
+
+
+def test_entry_script_is_one_hydra_config_path_with_flag_aliases(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import eval_simpler
+
+    argv = ["--task", "maniskill/poke", "--env-id", "PokeCube-v1", "--instruction", "poke the cube, gently",
+            "--max-steps=70", "--rotation", "rpy", "--ignore-terminate", "--no-resume", "workers=2"]
+    assert eval_simpler.flags_to_overrides(argv) == [
+        "task=maniskill/poke", "env_id=PokeCube-v1", "instruction='poke the cube, gently'", "max_steps=70",
+        "rotation=rpy", "ignore_terminate=true", "resume=false", "workers=2"]
+    cfg = eval_simpler.parse(argv)
+    assert (cfg.rotation, cfg.ignore_terminate, cfg.resume, cfg.workers) == ("rpy", True, False, 2)
+    assert eval_simpler.task_options(cfg) == {"env_id": "PokeCube-v1", "instruction": "poke the cube, gently",
+                                              "max_steps": 70}
+    f = tmp_path / "poke.yaml"
+    f.write_text("task: maniskill/poke\nenv_id: PokeCube-v1\ninstruction: poke it\nmax_steps: 30\n")
+    cfg = eval_simpler.parse(["--task-file", str(f), "--max-steps", "40"])
+    assert eval_simpler.task_options(cfg) == {"env_id": "PokeCube-v1", "instruction": "poke it", "max_steps": 40}
+    with pytest.raises(eval_simpler.UsageError, match="Could not override 'rotation_mode'.*eval_simpler.yaml"):
+        eval_simpler.parse(["--rotation-mode", "rpy"])
+    with pytest.raises(eval_simpler.UsageError, match="unexpected argument 'move_near'"):
+        eval_simpler.parse(["move_near"])
+    assert eval_simpler.main(["--help"]) == 0
+    assert "rotation:" in capsys.readouterr().out  # the help shows the config's keys with their comments
+    assert eval_simpler.main(["--task", "maniskill/push_cube", "--rotation", "quaternion", "--policy-server", "h:1",
+                              "--output-dir", str(tmp_path / "o")]) == 2
