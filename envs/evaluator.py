@@ -303,6 +303,7 @@ def evaluate(cfg: EvalConfig, policy=None) -> EvalResult:
     if hasattr(backend, "check") and todo:
         backend.check()  # e.g. SimplerEnv importable; fails before any worker starts
     t0 = time.perf_counter()
+    startup = 0.0
     new: list[EpisodeRecord] = []
     with _progress(len(specs), cfg.progress) as bar:
         bar.update(len(kept))
@@ -312,6 +313,7 @@ def evaluate(cfg: EvalConfig, policy=None) -> EvalResult:
             new = _run_serial(backend, policy, todo, cfg, bar)
         elif todo:
             with shared_policy(cfg) as spec:
+                startup = time.perf_counter() - t0  # a shared server's start (import, load, warm-up)
                 if cfg.workers == 1:
                     own = build_policy(spec)
                     new = _run_serial(backend, own, todo, cfg, bar)
@@ -324,7 +326,7 @@ def evaluate(cfg: EvalConfig, policy=None) -> EvalResult:
     wall = time.perf_counter() - t0
     by_index = {**kept, **{r.index: r for r in new}}
     records = [by_index[s.index] for s in specs]
-    timing = _timing(records, new, wall)
+    timing = {**_timing(records, new, wall), "policy_startup_s": startup}
     meta = {"task": cfg.task, "protocol": cfg.protocol, "episodes_requested": cfg.episodes,
             "workers": cfg.workers, "policy": cfg.policy, "backend_options": cfg.backend_options,
             "rotation": rotation, "ignore_terminate": cfg.ignore_terminate, "timing": timing}
@@ -350,7 +352,8 @@ def _run_serial(backend, policy, specs: list[EpisodeSpec], cfg: EvalConfig, bar)
 
 
 def _timing(records: list[EpisodeRecord], new: list[EpisodeRecord], wall: float) -> dict[str, float]:
-    """Throughput of the episodes run now (wall time) and the policy / simulator split over all episodes."""
+    """Throughput of the episodes run now (wall time, a policy server's start included: see policy_startup_s)
+    and the policy / simulator split over all episodes."""
     steps = sum(r.steps for r in records)
     return {
         "wall_s": wall, "episodes": len(records), "episodes_run": len(new), "steps": steps,
