@@ -24,6 +24,7 @@ import importlib
 import re
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,10 +235,10 @@ def run_and_save(backend, policy, spec: EpisodeSpec, cfg: EvalConfig) -> Episode
 
 
 def run_settings(cfg: EvalConfig, rotation: str) -> dict[str, Any]:
-    """What decides the episodes' outcomes (a resumed run must match it; workers and progress may differ)."""
+    """What decides the episodes' outcomes (a resumed run must match it; workers, progress and the number of
+    episodes may differ: records are matched episode by episode)."""
     options = {k: v for k, v in cfg.backend_options.items() if k != "render"}  # render: informational
-    return {"task": cfg.task, "task_options": cfg.task_options, "protocol": cfg.protocol, "episodes": cfg.episodes,
-            "policy": cfg.policy,
+    return {"task": cfg.task, "task_options": cfg.task_options, "protocol": cfg.protocol, "policy": cfg.policy,
             "policy_files": _checkpoint_files(cfg.policy),
             "backend": cfg.backend, "backend_options": options, "rotation": rotation,
             "ignore_terminate": cfg.ignore_terminate, "video": cfg.video, "video_fps": cfg.video_fps}
@@ -297,7 +298,10 @@ def evaluate(cfg: EvalConfig, policy=None) -> EvalResult:
     store = EpisodeStore(cfg.output_dir)
     if policy is not None or not cfg.resume:
         store.clear()
-    store.claim(run_settings(cfg, rotation))
+    changed = store.claim(run_settings(cfg, rotation))
+    if changed:
+        warnings.warn(f"{cfg.output_dir} held an evaluation with other settings ({', '.join(changed)}): its "
+                      "per-episode records are discarded and every episode runs again", RuntimeWarning, stacklevel=2)
     kept = store.finished(specs)
     todo = [s for s in specs if s.index not in kept]
     if hasattr(backend, "check") and todo:

@@ -5,8 +5,9 @@ Layout under the evaluation's output dir:
     episodes/<index>.json    one `EpisodeRecord` per finished episode (temp file + rename: whole or absent)
 A run killed at any moment (kill -9 included) and started again with the same settings and output dir
 keeps every recorded episode, runs only the missing (or failed) ones, and writes the same summary as an
-uninterrupted run. A dir holding a run with other settings is refused with the setting that differs.
-No torch here.
+uninterrupted run. Records are matched episode by episode (task, protocol, variant, index, seed), so asking for
+more episodes than before keeps the ones done. A dir holding a run with other settings (another checkpoint,
+rotation convention...) is started afresh, with a warning naming what changed. No torch here.
 """
 
 from __future__ import annotations
@@ -29,22 +30,23 @@ class EpisodeStore:
         self.out_dir = Path(out_dir)
         self.episode_dir = self.out_dir / EPISODE_DIR
 
-    def claim(self, settings: dict[str, Any]) -> None:
-        """Record `settings` in run.json, or check them against the ones already there (ValueError on a mismatch).
+    def claim(self, settings: dict[str, Any]) -> list[str]:
+        """Record `settings` in run.json. An earlier run here with other settings is forgotten (its records would
+        not describe this run); returns the names of the settings that changed ([] when none or no earlier run).
 
-        `settings` must be JSON-like; it holds only what decides the outcomes (not worker counts or progress bars).
+        `settings` must be JSON-like and hold only what decides the outcomes (not worker counts or progress bars).
         """
         path = self.out_dir / RUN_FILE
         settings = json.loads(json.dumps(settings, default=str))  # the form it takes on disk
+        changed: list[str] = []
         if path.is_file():
             old = json.loads(path.read_text())
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            if diff:
-                shown = "; ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
-                raise ValueError(f"{self.out_dir} holds an evaluation with other settings ({shown}); rerun with the "
-                                 "same settings to resume it, or choose a new output dir")
-            return
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            if not changed:
+                return []
+            self.clear()
         write_json_atomic(path, settings)
+        return changed
 
     def clear(self) -> None:
         """Forget an earlier run here (its run.json and per-episode records; videos are overwritten as they come)."""

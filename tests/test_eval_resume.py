@@ -79,19 +79,23 @@ def test_killed_evaluation_resumes_to_the_uninterrupted_summary(tmp_path, worker
     assert again.timing["episodes_run"] == 0 and _files(out) == _files(tmp_path / "whole")
 
 
-def test_resume_refuses_other_settings_and_reruns_failed_episodes(tmp_path):
+def test_resume_matches_episodes_reruns_failed_ones_and_restarts_on_other_settings(tmp_path):
     evaluate(_cfg(tmp_path, episodes=2))
-    with pytest.raises(ValueError, match="episodes: 2 there, 3 now.*new output dir"):
-        evaluate(_cfg(tmp_path, episodes=3))
+    res = evaluate(_cfg(tmp_path, episodes=4))  # more episodes: the two done are kept
+    assert res.timing["episodes_run"] == 2 and len(res.records) == 4
     store = EpisodeStore(tmp_path)
     specs = simpler_double.DoubleBackend().episodes("two_stage", "visual_matching")
     record = store.finished(specs)[0]
     record.success, record.error = None, "simulated crash"
     store.save(record)  # a failed episode is not kept: the next run does it again
-    res = evaluate(_cfg(tmp_path, episodes=2))
+    res = evaluate(_cfg(tmp_path, episodes=4))
     assert res.timing["episodes_run"] == 1 and res.records[0].success is True
-    res = evaluate(_cfg(tmp_path, episodes=2, resume=False))  # resume=False starts afresh
-    assert res.timing["episodes_run"] == 2
+    with pytest.warns(RuntimeWarning, match=r"other settings \(ignore_terminate, rotation\).*runs again"):
+        res = evaluate(_cfg(tmp_path, episodes=4, rotation="rpy", ignore_terminate=True))
+    assert res.timing["episodes_run"] == 4
+    assert json.loads((tmp_path / "run.json").read_text())["rotation"] == "rpy"
+    res = evaluate(_cfg(tmp_path, episodes=4, rotation="rpy", ignore_terminate=True, resume=False))
+    assert res.timing["episodes_run"] == 4  # resume=False starts afresh
 
 
 def test_workers_share_one_policy_server(tmp_path):
