@@ -331,9 +331,10 @@ def evaluate(cfg: EvalConfig, policy=None) -> EvalResult:
     by_index = {**kept, **{r.index: r for r in new}}
     records = [by_index[s.index] for s in specs]
     timing = {**_timing(records, new, wall), "policy_startup_s": startup}
-    meta = {"task": cfg.task, "protocol": cfg.protocol, "episodes_requested": cfg.episodes,
-            "workers": cfg.workers, "policy": cfg.policy, "backend_options": cfg.backend_options,
-            "rotation": rotation, "ignore_terminate": cfg.ignore_terminate, "timing": timing}
+    meta = {"task": cfg.task, "task_options": cfg.task_options, "protocol": cfg.protocol,
+            "episodes_requested": cfg.episodes, "workers": cfg.workers, "policy": cfg.policy,
+            "backend_options": cfg.backend_options, "rotation": rotation, "ignore_terminate": cfg.ignore_terminate,
+            "timing": timing}
     notes = [f"Rotation convention: {rotation} (policies/conventions.py); policy terminate signal "
              f"{'ignored' if cfg.ignore_terminate else 'followed'}."]
     paths = write_results(records, cfg.output_dir, meta, policy_name=cfg.policy.get("name", "ours"), notes=notes)
