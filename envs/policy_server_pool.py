@@ -52,13 +52,23 @@ def shared_server_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "serve", "command": command, "client_kwargs": client, "name": spec.get("name", "ours")}
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _parent_death_signal():
+    """A callable for Popen's preexec_fn that makes the child get SIGTERM when its parent dies (Linux), or None.
+
+    libc is loaded here, in the parent: the child between fork and exec only calls it (no imports there)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass  # not Linux: close() still ends it on a normal exit
+        return None
+
+    def set_signal() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return set_signal
 
 
 class PolicyServerProcess:
@@ -87,8 +97,7 @@ class PolicyServerProcess:
             out = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it; closed below
         try:
             self.proc = subprocess.Popen(self.command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent if os.name == "posix"
-                                         else None)
+                                         stdin=subprocess.DEVNULL, preexec_fn=_parent_death_signal())
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()

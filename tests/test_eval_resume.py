@@ -120,3 +120,29 @@ def test_checkpoint_with_workers_becomes_one_served_policy(tmp_path):
         shared_server_spec({"kind": "checkpoint", "path": "/ckpt", "kwargs": {"sampling_steps": 4}})
     with shared_policy(_cfg(tmp_path, workers=1, policy=spec)) as one:  # one worker keeps the model in-process
         assert one == spec
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_shared_server_dies_with_a_killed_evaluator(tmp_path):
+    pid_file = tmp_path / "server_pids"
+    script = (f"from envs.policy_server_pool import PolicyServerProcess\n"
+              f"s = PolicyServerProcess({[sys.executable, str(TESTS / 'policy_server_double.py'), '--port', '{port}', '--pid-file', str(pid_file)]!r}).start()\n"  # noqa: E501
+              "print('up', flush=True)\nimport time\ntime.sleep(600)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"up", proc.stderr.read().decode()
+    server = int(pid_file.read_text().split()[0])
+    assert Path(f"/proc/{server}").exists()
+    proc.kill()  # kill -9: no cleanup code runs in the evaluator
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{server}").exists() and "State:\tZ" not in _status(server):
+        assert time.monotonic() < deadline, "the policy server outlived its killed evaluator"
+        time.sleep(0.05)
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "State:\tZ"  # gone between the two checks
