@@ -27,6 +27,8 @@ class EpisodeSpec:
     env_id: the simulator environment id (gym id) to build.
     make_kwargs: keyword arguments for the env constructor (scene, robot, overlay...).
     reset_options: options passed to `env.reset(options=...)` (robot init pose, obj_init_options...).
+    task_options: the user's task settings beside the registry's (ManiSkill3: env_id, instruction, max_steps,
+        solver), carried so that worker processes build the same task.
     """
 
     task: str
@@ -38,6 +40,7 @@ class EpisodeSpec:
     env_id: str
     make_kwargs: dict[str, Any] = field(default_factory=dict)
     reset_options: dict[str, Any] = field(default_factory=dict)
+    task_options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (for result records and for sending specs to worker processes)."""
@@ -45,6 +48,7 @@ class EpisodeSpec:
             "task": self.task, "protocol": self.protocol, "variant": self.variant, "index": self.index,
             "seed": self.seed, "max_steps": self.max_steps, "env_id": self.env_id,
             "make_kwargs": dict(self.make_kwargs), "reset_options": dict(self.reset_options),
+            "task_options": dict(self.task_options),
         }
 
     @classmethod
@@ -132,6 +136,7 @@ class TaskInfo:
 
 
 _TASKS: dict[str, TaskInfo] = {}
+_PREFIXES: dict[str, TaskInfo] = {}  # name prefix -> the backend serving any task named with it
 _BACKENDS: dict[str, Any] = {}  # name -> Backend instance or zero-arg factory
 
 
@@ -147,6 +152,13 @@ def register_task(name: str, backend: str, protocols: tuple[str, ...] | list[str
     _TASKS[name] = TaskInfo(name, backend, tuple(protocols), description)
 
 
+def register_task_prefix(prefix: str, backend: str, protocols: tuple[str, ...] | list[str],
+                         description: str = "") -> None:
+    """Let `backend` serve any task named `prefix...` that is not registered by name (e.g. "maniskill/<env id>",
+    defined by task options such as env_id, instruction and max_steps)."""
+    _PREFIXES[prefix] = TaskInfo(prefix, backend, tuple(protocols), description)
+
+
 def task_names() -> list[str]:
     """All registered task names (SIMPLER ones and any others registered so far)."""
     _load_builtin()
@@ -156,9 +168,13 @@ def task_names() -> list[str]:
 def get_task(name: str) -> TaskInfo:
     """Look up a task; unknown names raise ValueError listing the valid names."""
     _load_builtin()
-    if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(_TASKS))}")
-    return _TASKS[name]
+    if name in _TASKS:
+        return _TASKS[name]
+    for prefix, info in _PREFIXES.items():
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return TaskInfo(name, info.backend, info.protocols, info.description)
+    prefixes = "".join(f"; or any {p}<name> with task options" for p in sorted(_PREFIXES))
+    raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(_TASKS))}{prefixes}")
 
 
 def get_backend(name: str) -> Backend:
@@ -177,13 +193,27 @@ def backend_for(task: str) -> Backend:
     return get_backend(get_task(task).backend)
 
 
-def resolve_episodes(task: str, protocol: str, episodes: int | None = None) -> list[EpisodeSpec]:
+def resolve_episodes(task: str, protocol: str, episodes: int | None = None,
+                     task_options: dict[str, Any] | None = None) -> list[EpisodeSpec]:
     """Episode specs of `task` under `protocol`, optionally only the first `episodes` of them
-    (taken round-robin over variants so a short run still covers every variant)."""
+    (taken round-robin over variants so a short run still covers every variant). `task_options` (e.g. a
+    ManiSkill3 env_id, instruction, max_steps) go to backends that take them."""
     info = get_task(task)
     if protocol not in info.protocols:
         raise ValueError(f"task {task!r} has no protocol {protocol!r}; choose one of {list(info.protocols)}")
-    return select_episodes(backend_for(task).episodes(task, protocol), episodes)
+    return select_episodes(backend_episodes(backend_for(task), task, protocol, task_options), episodes)
+
+
+def backend_episodes(backend: Backend, task: str, protocol: str,
+                     task_options: dict[str, Any] | None = None) -> list[EpisodeSpec]:
+    """`backend.episodes(task, protocol[, **task_options])`; options given to a backend without them: ValueError."""
+    options = {k: v for k, v in (task_options or {}).items() if v is not None}
+    if not options:
+        return backend.episodes(task, protocol)
+    if not getattr(backend, "takes_task_options", False):
+        raise ValueError(f"task {task!r} ({getattr(backend, 'name', backend)}) takes no task options "
+                         f"{sorted(options)}; env_id / instruction / max_steps / solver are for maniskill/* tasks")
+    return backend.episodes(task, protocol, **options)
 
 
 def select_episodes(specs: list[EpisodeSpec], episodes: int | None) -> list[EpisodeSpec]:

@@ -17,23 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from envs.results import EpisodeRecord, load_records, wilson_interval
+from envs.results import EpisodeRecord, load_records, wilson_interval, write_json_atomic
 
 LABELS = {"selfflow": "Self-Flow", "flow_matching": "flow matching", "still": "still (never moves)",
           "mean_replay": "mean-demo replay (blind)"}
 RECIPE_KEYS = {"trainer": ("max_steps", "lr", "warmup_steps", "eval_every", "checkpoint_every", "ema_decay"),
                "data": ("height", "width", "context_frames", "future_frames", "frame_stride", "horizon", "batch_size",
                         "eval_fraction")}
-
-
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON to a temporary sibling, then rename it over `path` (readers never see half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-    return path
 
 
 def load_results(out_dir: str | Path) -> dict:

@@ -144,6 +144,19 @@ def _flag(info: dict, key: str = "success") -> bool:
     return bool(v.reshape(-1)[0].item() if hasattr(v, "reshape") else v)
 
 
+def solver_function(task: ManiSkillTask):
+    """The motion-planning function `task.solver` names in mani_skill.examples.motionplanning.panda.solutions
+    (ValueError listing the available ones when it has none or names none of them)."""
+    from mani_skill.examples.motionplanning.panda import solutions
+
+    available = sorted(n for n in dir(solutions) if n.startswith("solve"))
+    if task.solver is None or not callable(getattr(solutions, task.solver, None)):
+        what = "has no scripted solver" if task.solver is None else f"names solver {task.solver!r}, which is not one"
+        raise ValueError(f"{task.name} {what}; name one with --solver (or `solver:` in a task file): "
+                         f"{', '.join(available)}")
+    return getattr(solutions, task.solver)
+
+
 class DemoCollector:
     """Holds the two envs of one worker and turns seeds into `DemoEpisode`s (or a failure reason)."""
 
@@ -151,12 +164,7 @@ class DemoCollector:
         from envs.maniskill_backend import make_env
 
         self.task = get_maniskill_task(task) if isinstance(task, str) else task
-        if self.task.solver is None:
-            raise ValueError(f"{self.task.name} has no scripted solver; demos exist for: "
-                             "maniskill/pick_cube, push_cube, pull_cube, stack_cube, place_sphere")
-        from mani_skill.examples.motionplanning.panda import solutions
-
-        self.solve = getattr(solutions, self.task.solver)
+        self.solve = solver_function(self.task)
         self.plan_env = _ActionLog(make_env(self.task, None, control_mode="pd_joint_pos", obs_mode="state",
                                             max_episode_steps=max_steps))
         self.replay_env = make_env(self.task, None, control_mode="pd_joint_pos", obs_mode="state",

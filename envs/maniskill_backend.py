@@ -17,8 +17,23 @@ from typing import Any
 
 import numpy as np
 
-from envs.backend import EpisodeSpec, Observation, StepResult, register_backend, register_task
-from envs.maniskill_tasks import EVAL_EPISODES, EVAL_SEED_BASE, PROTOCOLS, TASKS, ManiSkillTask, get_maniskill_task
+from envs.backend import (
+    EpisodeSpec,
+    Observation,
+    StepResult,
+    register_backend,
+    register_task,
+    register_task_prefix,
+)
+from envs.maniskill_tasks import (
+    EVAL_EPISODES,
+    EVAL_SEED_BASE,
+    PROTOCOLS,
+    TASK_PREFIX,
+    TASKS,
+    ManiSkillTask,
+    get_maniskill_task,
+)
 from policies.conventions import GRIPPER_DEADZONE, axangle_to_matrix
 
 DEFAULT_IMAGE_SIZE = (256, 320)  # (H, W): RT-1's frame size, so demos need no resizing
@@ -185,6 +200,10 @@ class ManiSkillBackend:
     """
 
     name = "maniskill"
+    # The demos record rotation_delta as roll/pitch/yaw (ActionConvention.env_to_rt1) and the session reads
+    # rot_axangle as axis-angle, so a policy trained on them is converted rpy -> axis-angle.
+    default_rotation = "rpy"
+    takes_task_options = True  # env_id, instruction, max_steps, solver (envs.maniskill_tasks.get_maniskill_task)
 
     def __init__(self, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, reuse_env: bool = True):
         self.image_size, self.reuse_env = tuple(image_size), reuse_env
@@ -201,12 +220,14 @@ class ManiSkillBackend:
 
         ensure_cpu_rendering()
 
-    def episodes(self, task: str, protocol: str) -> list[EpisodeSpec]:
-        t = get_maniskill_task(task)
+    def episodes(self, task: str, protocol: str, **task_options: Any) -> list[EpisodeSpec]:
+        """The fixed-seed episodes of `task` (task_options: env_id, instruction, max_steps, solver)."""
+        t = get_maniskill_task(task, **task_options)
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r} for {task}; choose one of {PROTOCOLS}")
         return [EpisodeSpec(task=task, protocol=protocol, variant="default", index=i, seed=EVAL_SEED_BASE + i,
-                            max_steps=t.max_steps, env_id=t.env_id) for i in range(EVAL_EPISODES)]
+                            max_steps=t.max_steps, env_id=t.env_id, task_options=dict(task_options))
+                for i in range(EVAL_EPISODES)]
 
     def make(self, spec: EpisodeSpec, **options: Any) -> ManiSkillSession:
         """Build (or reuse) the env of `spec`; options: image_size (H, W), reuse_env."""
@@ -215,8 +236,8 @@ class ManiSkillBackend:
             raise ValueError(f"unknown ManiSkill backend options {sorted(unknown)}; known: image_size, reuse_env")
         size = tuple(options.get("image_size", self.image_size))
         reuse = bool(options.get("reuse_env", self.reuse_env))
-        task = get_maniskill_task(spec.task)
-        key = (task.name, size, repr(sorted(spec.make_kwargs.items())))
+        task = get_maniskill_task(spec.task, **spec.task_options)
+        key = (task, size, repr(sorted(spec.make_kwargs.items())))
         if self._env is not None and (key != self._key or not reuse):
             self.close()
         if self._env is None:
@@ -239,3 +260,4 @@ register_backend("maniskill", lambda: ManiSkillBackend())  # a factory (a class 
 for _t in TASKS.values():
     register_task(_t.name, "maniskill", PROTOCOLS,
                   description=f"ManiSkill3 {_t.env_id} ({_t.robot}): {_t.instruction or 'instruction from the env'}")
+register_task_prefix(TASK_PREFIX, "maniskill", PROTOCOLS, description="ManiSkill3 env given by task options")

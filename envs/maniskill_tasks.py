@@ -17,7 +17,9 @@ near 0 keeps the previous target (so RT-1's relative commands and absolute +/-1 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -159,8 +161,50 @@ TASKS: dict[str, ManiSkillTask] = {t.name: t for t in (
 )}
 
 
-def get_maniskill_task(name: str) -> ManiSkillTask:
-    """The task entry for a registry name; unknown names raise ValueError listing the valid ones."""
-    if name not in TASKS:
-        raise ValueError(f"unknown ManiSkill3 task {name!r}; valid: {', '.join(TASKS)}")
-    return TASKS[name]
+TASK_PREFIX = "maniskill/"
+TASK_OPTIONS = ("env_id", "instruction", "max_steps", "solver")  # a user sets them beside / instead of the registry
+
+
+def get_maniskill_task(name: str, **options: Any) -> ManiSkillTask:
+    """The task for `name`: the registry entry with any of `TASK_OPTIONS` given overriding it, or, for a name
+    outside the registry ("maniskill/<anything>"), a Panda `pd_ee_delta_pose` task built from the options
+    (env_id, instruction and max_steps needed; env_id defaults to a gym id after the prefix, e.g.
+    "maniskill/PokeCube-v1"). solver names a function of mani_skill.examples.motionplanning.panda.solutions."""
+    unknown = sorted(set(options) - set(TASK_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown ManiSkill3 task options {unknown}; known: {', '.join(TASK_OPTIONS)}")
+    given = {k: v for k, v in options.items() if v is not None}
+    if "max_steps" in given:
+        given["max_steps"] = int(given["max_steps"])
+        if given["max_steps"] < 1:
+            raise ValueError(f"max_steps must be a positive step limit, got {given['max_steps']}")
+    if name in TASKS:
+        return replace(TASKS[name], **given)
+    if not name.startswith(TASK_PREFIX) or len(name) == len(TASK_PREFIX):
+        raise ValueError(f"unknown ManiSkill3 task {name!r}; valid: {', '.join(TASKS)}, or any {TASK_PREFIX}<name> "
+                         "with env_id, instruction and max_steps given")
+    tail = name[len(TASK_PREFIX):]
+    given.setdefault("env_id", tail if re.fullmatch(r"[A-Za-z0-9_]+-v\d+", tail) else None)
+    missing = [k for k in ("env_id", "instruction", "max_steps") if given.get(k) is None]
+    if missing:
+        flags = " ".join(f"--{k.replace('_', '-')} ..." for k in missing)
+        raise ValueError(f"{name} is not in the registry ({', '.join(TASKS)}): give its {', '.join(missing)} "
+                         f"(command line: {flags}; or a task file, see envs.maniskill_tasks.load_task_file)")
+    return ManiSkillTask(name, given["env_id"], given["instruction"], given["max_steps"], solver=given.get("solver"))
+
+
+def load_task_file(path: str | Path) -> dict[str, Any]:
+    """A task file (YAML): {task: maniskill/<name>, env_id, instruction, max_steps, solver} (task and any
+    subset of the rest). Returns its entries; unknown keys raise ValueError naming them."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {path} not found")
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if not isinstance(data, dict):
+        raise ValueError(f"task file {path} must hold a mapping of task, {', '.join(TASK_OPTIONS)}")
+    unknown = sorted(set(data) - {"task", *TASK_OPTIONS})
+    if unknown:
+        raise ValueError(f"task file {path}: unknown keys {unknown}; known: task, {', '.join(TASK_OPTIONS)}")
+    return data

@@ -10,8 +10,10 @@ which matches the cell mean whenever cells have equal size, as in the official g
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,11 +41,27 @@ class EpisodeRecord:
     sim_time_s: float = 0.0  # time inside env.step
     setup_time_s: float = 0.0  # env build + reset + policy.reset
     video: str | None = None
+    rotation: str = ""  # rotation convention the evaluator applied (policies.conventions), "policy" = the policy's own
     error: str | None = None
     final_info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write text to a temporary sibling, then rename it over `path` (readers never see half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write JSON atomically (see `write_text_atomic`)."""
+    return write_text_atomic(path, json.dumps(data, indent=1, default=str))
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -138,33 +156,31 @@ def markdown_table(summary: dict[str, dict[str, Any]], policy_name: str = "ours"
 
 
 CSV_FIELDS = ["task", "protocol", "variant", "index", "seed", "success", "steps", "instruction",
-              "final_instruction", "terminated_by_policy", "policy_time_s", "sim_time_s", "setup_time_s",
+              "final_instruction", "terminated_by_policy", "rotation", "policy_time_s", "sim_time_s", "setup_time_s",
               "video", "error"]
 
 
 def write_results(records: list[EpisodeRecord], out_dir: str | Path, meta: dict[str, Any] | None = None,
-                  policy_name: str = "ours") -> dict[str, Path]:
-    """Write episodes.json, episodes.csv and, when every episode completed, summary.json and results.md.
-
-    Returns the written paths. Failed runs still get their per-episode files (with the errors).
+                  policy_name: str = "ours", notes: list[str] | None = None) -> dict[str, Path]:
+    """Write episodes.json, episodes.csv and, when every episode completed, summary.json and results.md
+    (each atomically; `notes`: paragraphs under the table, e.g. the settings that ran). Returns the written
+    paths. Failed runs still get their per-episode files (with the errors).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"episodes_json": out / "episodes.json", "episodes_csv": out / "episodes.csv"}
-    paths["episodes_json"].write_text(json.dumps({"meta": meta or {}, "episodes": [r.to_dict() for r in records]},
-                                                 indent=1, default=str))
-    with open(paths["episodes_csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in records:
-            w.writerow(r.to_dict())
+    write_json_atomic(paths["episodes_json"], {"meta": meta or {}, "episodes": [r.to_dict() for r in records]})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in records:
+        w.writerow(r.to_dict())
+    write_text_atomic(paths["episodes_csv"], buf.getvalue())
     if any(r.success is None for r in records):
         return paths
     summary = aggregate(records)
-    paths["summary_json"] = out / "summary.json"
-    paths["summary_json"].write_text(json.dumps({"meta": meta or {}, "results": summary}, indent=1, default=str))
-    paths["results_md"] = out / "results.md"
-    paths["results_md"].write_text(markdown_table(summary, policy_name) + "\n")
+    paths["summary_json"] = write_json_atomic(out / "summary.json", {"meta": meta or {}, "results": summary})
+    text = "\n\n".join([markdown_table(summary, policy_name), *(notes or [])])
+    paths["results_md"] = write_text_atomic(out / "results.md", text + "\n")
     return paths
 
 
@@ -175,4 +191,4 @@ def load_records(path: str | Path) -> list[EpisodeRecord]:
 
 
 __all__ = ["EpisodeRecord", "Rate", "aggregate", "load_records", "markdown_table", "rate_of", "summary_rate",
-           "wilson_interval", "write_results", "TASK_GROUPS"]
+           "wilson_interval", "write_json_atomic", "write_results", "write_text_atomic", "TASK_GROUPS"]

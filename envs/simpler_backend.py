@@ -19,12 +19,16 @@ import numpy as np
 
 from envs.backend import EpisodeSpec, Observation, StepResult
 
+INSTALL_DIR = Path(__file__).resolve().parents[1] / "install"
+CONSTRAINTS = INSTALL_DIR / "simplerenv-constraints.txt"  # numpy==1.26.4, opencv-python<4.12, sapien==2.2.2, ...
+EVAL_REQUIREMENTS = INSTALL_DIR / "simplerenv-requirements.txt"  # the evaluator's and the client's own needs
 INSTALL_HELP = """SimplerEnv is not importable in this Python ({err}).
-It is not on the package index; install it in its OWN environment (it pins numpy<2 and sapien 2.2.2,
-Python <= 3.11):
+It is not on the package index; install it in its OWN environment (Python 3.10 or 3.11), with every pip
+command constrained by the toolkit's pins (without them pip ends at numpy 2 and SAPIEN 2.2.2 segfaults):
     git clone https://github.com/simpler-env/SimplerEnv --recurse-submodules
-    cd SimplerEnv && pip install "numpy<2" && pip install -e ./ManiSkill2_real2sim && pip install -e .
-    pip install hydra-core tqdm imageio imageio-ffmpeg pillow msgpack websockets   # evaluator + client deps
+    export PIP_CONSTRAINT={constraints}
+    pip install -e SimplerEnv/ManiSkill2_real2sim && pip install -e SimplerEnv
+    pip install -r {requirements}   # evaluator + client deps
 then start this toolkit's policy server with your checkpoint from the toolkit's own environment:
     python -m policies.serve --checkpoint DIR --port 8000
 and run the evaluator from SimplerEnv's environment against it:
@@ -55,7 +59,8 @@ def import_simpler():
         from simpler_env.utils.env.env_builder import build_maniskill2_env
         from simpler_env.utils.env.observation_utils import get_image_from_maniskill2_obs_dict
     except ImportError as e:
-        raise SimplerUnavailable(INSTALL_HELP.format(err=e)) from e
+        raise SimplerUnavailable(INSTALL_HELP.format(err=e, constraints=CONSTRAINTS, requirements=EVAL_REQUIREMENTS)) \
+            from e
     return build_maniskill2_env, get_image_from_maniskill2_obs_dict
 
 
@@ -242,6 +247,7 @@ class SimplerBackend:
     """
 
     name = "simpler"
+    default_rotation = "axis_angle"  # SimplerEnv's RT-1 wrapper for the Google robot passes rotation_delta through
 
     def __init__(self, reuse_env: bool = True, cpu_render: bool | str = "auto"):
         self.reuse_env, self.cpu_render = reuse_env, parse_cpu_render(cpu_render)

@@ -1,11 +1,19 @@
 """Action conventions between RT-1 data and SIMPLER's Google-robot controller (numpy only).
 
-RT-1 predicts `[dx, dy, dz, roll, pitch, yaw, gripper]` with the rotation as roll/pitch/yaw deltas
-(static x-y-z Euler angles: R = Rz(yaw) @ Ry(pitch) @ Rx(roll), the transforms3d "sxyz" default).
-SIMPLER's controller takes the rotation as an axis-angle vector (axis * angle). Its RT-1 wrapper
-converts rpy -> rotation matrix -> axis-angle, zeroes tiny gripper commands (|g| < 0.01), and passes
-the terminate flag through; `action["terminate_episode"][0] > 0` means "terminate" (or "advance to
-the next subtask" in multi-step tasks). Gripper: relative, +1 closes, -1 opens.
+RT-1 predicts `[dx, dy, dz, r0, r1, r2, gripper]`; its data names the rotation `rotation_delta`
+(roll/pitch/yaw). SIMPLER's controller takes the rotation as an axis-angle vector (axis * angle).
+How the model's three rotation numbers become that vector is the *rotation convention*, an explicit
+choice (`ROTATION_CONVENTIONS`):
+- "axis_angle" (default, the Google robot): pass `rotation_delta` through unchanged as `rot_axangle`.
+  This is what SimplerEnv's RT-1 wrapper does for the Google robot (`action_rotation_mode =
+  "axis_angle"` in `simpler_env/policies/rt1/rt1_model.py`), so published RT-1 numbers ran this way.
+- "rpy": read the three numbers as static x-y-z Euler angles (R = Rz(yaw) @ Ry(pitch) @ Rx(roll), the
+  transforms3d "sxyz" default) and convert rpy -> rotation matrix -> axis-angle, as SimplerEnv's Octo
+  wrapper does for both robots and its RT-1 wrapper does for WidowX.
+For small angles the two differ by a few percent (up to about 15% at 0.3 rad).
+The RT-1 wrapper also zeroes tiny gripper commands (|g| < 0.01) and passes the terminate flag through;
+`action["terminate_episode"][0] > 0` means "terminate" (or "advance to the next subtask" in multi-step
+tasks). Gripper: relative, +1 closes, -1 opens.
 """
 
 from __future__ import annotations
@@ -14,6 +22,11 @@ import numpy as np
 
 SIMPLER_KEYS = ("world_vector", "rot_axangle", "gripper", "terminate_episode")
 GRIPPER_DEADZONE = 1e-2  # RT-1 wrapper: |g| below this is sent as 0
+ROTATION_CONVENTIONS = {
+    "axis_angle": "rotation_delta passed through as rot_axangle (SimplerEnv's RT-1 wrapper, Google robot)",
+    "rpy": "rotation_delta read as roll/pitch/yaw, converted to axis-angle (SimplerEnv's Octo wrapper; RT-1 WidowX)",
+}
+DEFAULT_ROTATION = "axis_angle"  # the Google robot's RT-1 convention
 
 
 def rpy_to_matrix(rpy: np.ndarray) -> np.ndarray:
@@ -80,6 +93,26 @@ def axangle_to_rpy(v: np.ndarray) -> np.ndarray:
     return matrix_to_rpy(axangle_to_matrix(v))
 
 
+def check_rotation(convention: str) -> str:
+    """`convention` if it names a rotation convention, else ValueError listing them."""
+    if convention not in ROTATION_CONVENTIONS:
+        choices = "; ".join(f"{k}: {v}" for k, v in ROTATION_CONVENTIONS.items())
+        raise ValueError(f"unknown rotation convention {convention!r}; choose one of: {choices}")
+    return convention
+
+
+def rotation_to_axangle(rotation_delta: np.ndarray, convention: str = DEFAULT_ROTATION) -> np.ndarray:
+    """The model's rotation_delta (3,) -> SIMPLER rot_axangle (3,) float64 under `convention`."""
+    rot = np.asarray(rotation_delta, dtype=np.float64).reshape(3)
+    return rot.copy() if check_rotation(convention) == "axis_angle" else rpy_to_axangle(rot)
+
+
+def axangle_to_rotation(rot_axangle: np.ndarray, convention: str = DEFAULT_ROTATION) -> np.ndarray:
+    """SIMPLER rot_axangle (3,) -> the model's rotation_delta (3,) under `convention` (inverse of the above)."""
+    v = np.asarray(rot_axangle, dtype=np.float64).reshape(3)
+    return v.copy() if check_rotation(convention) == "axis_angle" else axangle_to_rpy(v)
+
+
 def filter_gripper(g: float, deadzone: float = GRIPPER_DEADZONE) -> float:
     """RT-1 wrapper's small-command filter: |g| < deadzone becomes 0."""
     return 0.0 if abs(g) < deadzone else float(g)
@@ -120,8 +153,8 @@ def terminate_from_onehot(onehot: np.ndarray) -> float:
 
 
 def to_simpler_action(a7: np.ndarray, terminate: float = 0.0, gripper_deadzone: float = GRIPPER_DEADZONE,
-                      sticky: StickyGripper | None = None) -> dict[str, np.ndarray]:
-    """RT-1 action (7,) [xyz, roll/pitch/yaw, gripper] -> SIMPLER action dict.
+                      sticky: StickyGripper | None = None, rotation: str = DEFAULT_ROTATION) -> dict[str, np.ndarray]:
+    """RT-1 action (7,) [xyz, rotation_delta, gripper] -> SIMPLER action dict (rotation: a ROTATION_CONVENTIONS key).
 
     Returns {world_vector (3,), rot_axangle (3,), gripper (1,), terminate_episode (1,)} float64.
     """
@@ -133,20 +166,20 @@ def to_simpler_action(a7: np.ndarray, terminate: float = 0.0, gripper_deadzone: 
         g = sticky(g)
     return {
         "world_vector": a7[:3].copy(),
-        "rot_axangle": rpy_to_axangle(a7[3:6]),
+        "rot_axangle": rotation_to_axangle(a7[3:6], rotation),
         "gripper": np.array([g]),
         "terminate_episode": np.array([float(terminate)]),
     }
 
 
-def from_simpler_action(action: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
-    """SIMPLER action dict -> (RT-1 action (7,) [xyz, rpy, gripper], terminate float)."""
+def from_simpler_action(action: dict[str, np.ndarray], rotation: str = DEFAULT_ROTATION) -> tuple[np.ndarray, float]:
+    """SIMPLER action dict -> (RT-1 action (7,) [xyz, rotation_delta, gripper], terminate float)."""
     missing = [k for k in SIMPLER_KEYS if k not in action]
     if missing:
         raise ValueError(f"SIMPLER action lacks keys {missing}; it needs {list(SIMPLER_KEYS)}")
     a7 = np.concatenate([
         np.asarray(action["world_vector"], dtype=np.float64).reshape(3),
-        axangle_to_rpy(action["rot_axangle"]),
+        axangle_to_rotation(action["rot_axangle"], rotation),
         np.asarray(action["gripper"], dtype=np.float64).reshape(1),
     ])
     return a7, float(np.asarray(action["terminate_episode"]).reshape(-1)[0])

@@ -2,6 +2,12 @@
 
     python scripts/collect_demos.py --task maniskill/pick_cube --episodes 200 --workers 2 --out DIR
     python scripts/finetune_rt1.py data.rt1_dir=DIR/rlds/<dataset>/<version>     # trains on it unchanged
+    python scripts/collect_demos.py --task maniskill/lift_peg --env-id LiftPegUpright-v1 --max-steps 150 \
+        --instruction "lift the peg upright" --solver solveLiftPegUpright --episodes 20 --out DIR
+    python scripts/collect_demos.py --task-file my_task.yaml --episodes 20 --out DIR   # the same, from a file
+
+Any ManiSkill3 environment works: --env-id, --instruction, --max-steps and --solver (a function of
+mani_skill.examples.motionplanning.panda.solutions) define it or override the registry entry of --task.
 
 --episodes counts KEPT demonstrations: failed seeds are dropped, counted (by reason) and replaced by the
 next seeds, up to --max-attempts in all. Each episode is written as its own shard file (atomic rename) in
@@ -25,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 _COLLECTOR = None
 
 
-def _init_worker(task: str, image_size: tuple[int, int]) -> None:
+def _init_worker(task, image_size: tuple[int, int]) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -50,7 +56,13 @@ def _collect(seed: int, shard_dir: str) -> tuple[int, bool, str, int, float]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, help="a maniskill/* task with a scripted solver, e.g. maniskill/pick_cube")
+    p.add_argument("--task", help="a maniskill/* task: a registry entry (e.g. maniskill/pick_cube) or a new name "
+                   "defined by the four options below")
+    p.add_argument("--env-id", help="ManiSkill3 environment id (gym id), e.g. LiftPegUpright-v1")
+    p.add_argument("--instruction", help="the language instruction stored with each demonstration")
+    p.add_argument("--max-steps", type=int, help="the task's step limit (evaluation)")
+    p.add_argument("--solver", help="motion-planning function in mani_skill.examples.motionplanning.panda.solutions")
+    p.add_argument("--task-file", help="YAML with task, env_id, instruction, max_steps, solver (flags override it)")
     p.add_argument("--episodes", type=int, required=True, help="number of successful demonstrations to keep")
     p.add_argument("--workers", type=int, default=1, help="simulator processes (spawn)")
     p.add_argument("--out", required=True, help="output folder (shards/ and rlds/ go inside)")
@@ -61,20 +73,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--build-only", action="store_true", help="only build the RLDS dataset from existing shards")
     p.add_argument("--no-build", action="store_true", help="only collect shards")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.task_file:
+        from envs.maniskill_tasks import load_task_file
+
+        for key, value in load_task_file(args.task_file).items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    if not args.task:
+        p.error("give --task (or a task file with `task:`)")
+    return args
+
+
+def task_of(args: argparse.Namespace):
+    """The ManiSkillTask the arguments define (registry entry with overrides, or a new one)."""
+    from envs.maniskill_tasks import get_maniskill_task
+
+    return get_maniskill_task(args.task, env_id=args.env_id, instruction=args.instruction, max_steps=args.max_steps,
+                              solver=args.solver)
 
 
 def collect(args: argparse.Namespace) -> dict:
     """Run the collection (resuming from existing shards); returns the counts written to summary.json."""
     from tqdm import tqdm
 
-    from envs.demos import done_seeds
-    from envs.maniskill_tasks import get_maniskill_task
+    from envs.demos import done_seeds, solver_function
 
-    task = get_maniskill_task(args.task)
-    if task.solver is None:
-        raise ValueError(f"{task.name} has no scripted solver; use one of maniskill/pick_cube, push_cube, pull_cube, "
-                         "stack_cube, place_sphere")
+    task = task_of(args)
+    solver_function(task)  # a clear error before any worker starts
     if args.episodes <= 0 or args.workers <= 0:
         raise ValueError("--episodes and --workers must be positive")
     shard_dir = Path(args.out) / "shards"
@@ -91,7 +117,7 @@ def collect(args: argparse.Namespace) -> dict:
     if len(ok) < args.episodes:
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(task.name, tuple(args.image_size))) as pool:
+                                 initargs=(task, tuple(args.image_size))) as pool:
             pending = set()
             while True:
                 while (len(pending) < 2 * args.workers and counts["kept"] + len(pending) < args.episodes

@@ -13,10 +13,13 @@ target (single step) or a green then a blue target (two subtasks). `DoubleBacken
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from envs.backend import EpisodeSpec
 from envs.simpler_backend import SimplerSession
+from policies.conventions import to_simpler_action
 
 SIZE = 48  # image side (pixels)
 RADIUS = 0.06  # success radius in table units
@@ -122,3 +125,65 @@ class DoubleBackend:
 
     def make(self, spec: EpisodeSpec, **options) -> SimplerSession:
         return SimplerSession(FakeSimplerEnv(spec.task, **spec.make_kwargs), spec, get_image)
+
+
+def centroid(img: np.ndarray, rgb) -> np.ndarray | None:
+    ys, xs = np.nonzero(np.all(img == np.array(rgb, dtype=np.uint8), axis=-1))
+    if len(xs) == 0:
+        return None
+    return np.array([xs.mean(), ys.mean()]) / (SIZE - 1)  # (x, y) table units
+
+
+def scripted_move(image: np.ndarray, instruction: str) -> tuple[np.ndarray, bool]:
+    """(world_vector xy step toward the current target (2,), whether the gripper is at the target)."""
+    target = centroid(image, (0, 0, 255) if "blue" in instruction else (0, 255, 0))
+    pos = centroid(image, (255, 0, 0))
+    diff = target - pos
+    return np.clip(diff, -0.08, 0.08), bool(np.linalg.norm(diff) < 0.03)
+
+
+class ScriptedPolicy:
+    """Reads the red gripper and the current target dot from the image and steps toward it.
+
+    mode "terminate": send terminate once at the target (a multi-step task then goes on to the next);
+    "never": never terminate; "overshoot": reach the target, then wander away and never terminate.
+    rotation_delta: a constant rotation the raw action carries (RT-1's raw form; the evaluator converts it).
+    delay_s: sleep per step (a slower policy, so a test can interrupt a run midway).
+    """
+
+    def __init__(self, mode: str = "terminate", rotation_delta: list[float] | None = None, delay_s: float = 0.0):
+        self.mode, self.delay_s = mode, float(delay_s)
+        self.rotation_delta = None if rotation_delta is None else np.asarray(rotation_delta, dtype=np.float64)
+        self.calls: list[str] = []
+
+    def reset(self, instruction: str) -> None:
+        self.calls.append(f"reset:{instruction}")
+        self.t, self.reached = 0, False
+
+    def step(self, image: np.ndarray, instruction: str):
+        assert image.dtype == np.uint8 and image.shape == (SIZE, SIZE, 3)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        self.calls.append(instruction)
+        self.t += 1
+        move, at = scripted_move(image, instruction)
+        self.reached |= at
+        terminate = float(at and self.mode == "terminate")
+        if self.mode == "overshoot" and self.reached:
+            move = np.array([-0.08, -0.08])
+        rot = np.zeros(3) if self.rotation_delta is None else self.rotation_delta
+        a7 = np.array([move[0], move[1], 0.0, *rot, 0.0])
+        raw = {"a7": a7} if self.rotation_delta is None else {"world_vector": a7[:3], "rotation_delta": rot}
+        return raw, to_simpler_action(a7, terminate)
+
+
+class ScriptedChunkPolicy:
+    """ScriptedPolicy's "terminate" mode as a served policy: predict_action_chunk -> a one-step chunk."""
+
+    metadata = {"model_kind": "scripted", "horizon": 1, "action_dim": 7, "execute_steps": 1}
+
+    def predict_action_chunk(self, observation: dict) -> dict:
+        image = observation["image"]
+        move, at = scripted_move(image[-1] if image.ndim == 4 else image, observation["instruction"])
+        actions = np.array([[move[0], move[1], 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=np.float32)  # (1, 7)
+        return {"actions": actions, "terminate": np.array([float(at)], dtype=np.float32)}

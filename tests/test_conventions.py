@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 
 from policies.conventions import (
+    ROTATION_CONVENTIONS,
     StickyGripper,
+    axangle_to_rotation,
     axangle_to_rpy,
     filter_gripper,
     from_simpler_action,
+    rotation_to_axangle,
     rpy_to_axangle,
     terminate_from_onehot,
     to_simpler_action,
@@ -86,13 +89,37 @@ def test_gripper_deadzone_and_sticky():
         StickyGripper(0)
 
 
-def test_to_from_simpler_action_round_trip():
+# rotation_delta (0.1, 0.2, 0.3) under each convention, by hand: "axis_angle" passes it through (SimplerEnv's
+# RT-1 wrapper on the Google robot); "rpy" is R = Rz(.3) Ry(.2) Rx(.1) as axis * angle (test_known_combined_value).
+HAND = {"axis_angle": [0.1, 0.2, 0.3], "rpy": [0.06892461, 0.21322593, 0.28874894]}
+
+
+@pytest.mark.parametrize("convention", sorted(ROTATION_CONVENTIONS))
+def test_rotation_convention_against_hand_computed_values(convention):
+    assert set(HAND) == set(ROTATION_CONVENTIONS)
+    np.testing.assert_allclose(rotation_to_axangle([0.1, 0.2, 0.3], convention), HAND[convention], atol=1e-8)
+    a7 = np.array([0.01, -0.02, 0.03, 0.1, 0.2, 0.3, 0.5])
+    np.testing.assert_allclose(to_simpler_action(a7, rotation=convention)["rot_axangle"], HAND[convention], atol=1e-8)
+    np.testing.assert_allclose(axangle_to_rotation(HAND[convention], convention), [0.1, 0.2, 0.3], atol=1e-8)
+    # a single-axis rotation is the same vector under both
+    np.testing.assert_allclose(rotation_to_axangle([0.0, 0.0, 0.3], convention), [0.0, 0.0, 0.3], atol=1e-12)
+
+
+def test_default_is_the_rt1_google_robot_pass_through():
+    a7 = np.array([0.01, -0.02, 0.03, 0.1, 0.2, 0.3, 0.5])
+    assert to_simpler_action(a7)["rot_axangle"].tolist() == [0.1, 0.2, 0.3]
+    with pytest.raises(ValueError, match="unknown rotation convention 'euler'.*axis_angle.*rpy"):
+        rotation_to_axangle([0.1, 0.2, 0.3], "euler")
+
+
+@pytest.mark.parametrize("convention", sorted(ROTATION_CONVENTIONS))
+def test_to_from_simpler_action_round_trip(convention):
     a7 = np.array([0.01, -0.02, 0.03, 0.1, -0.2, 0.3, 0.005])
-    act = to_simpler_action(a7, terminate=1.0)
+    act = to_simpler_action(a7, terminate=1.0, rotation=convention)
     assert set(act) == {"world_vector", "rot_axangle", "gripper", "terminate_episode"}
     assert act["gripper"].shape == (1,) and act["gripper"][0] == 0.0  # tiny command zeroed
     assert act["terminate_episode"][0] == 1.0
-    back, term = from_simpler_action(act)
+    back, term = from_simpler_action(act, rotation=convention)
     np.testing.assert_allclose(back[:6], a7[:6], atol=1e-12)
     assert term == 1.0
     with pytest.raises(ValueError, match="7-D"):

@@ -11,56 +11,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import simpler_double  # noqa: E402
+from simpler_double import ScriptedPolicy  # noqa: E402
 
 from envs.evaluator import EvalConfig, EvaluationFailed, evaluate  # noqa: E402
-from policies.conventions import to_simpler_action  # noqa: E402
 
 BACKEND = f"{simpler_double.__name__}:DoubleBackend"
-
-
-def _centroid(img: np.ndarray, rgb) -> np.ndarray | None:
-    ys, xs = np.nonzero(np.all(img == np.array(rgb, dtype=np.uint8), axis=-1))
-    if len(xs) == 0:
-        return None
-    return np.array([xs.mean(), ys.mean()]) / (simpler_double.SIZE - 1)  # (x, y) table units
-
-
-class ScriptedPolicy:
-    """Reads the red gripper and the current target dot from the image and steps toward it.
-
-    mode "terminate": send terminate once at the target (a multi-step task then goes on to the next);
-    "never": never terminate; "overshoot": reach the target, then wander away and never terminate.
-    """
-
-    def __init__(self, mode: str = "terminate"):
-        self.mode = mode
-        self.calls: list[str] = []
-
-    def reset(self, instruction: str) -> None:
-        self.calls.append(f"reset:{instruction}")
-        self.t, self.reached = 0, False
-
-    def step(self, image: np.ndarray, instruction: str):
-        assert image.dtype == np.uint8 and image.shape == (simpler_double.SIZE, simpler_double.SIZE, 3)
-        self.calls.append(instruction)
-        self.t += 1
-        target = _centroid(image, (0, 0, 255) if "blue" in instruction else (0, 255, 0))
-        pos = _centroid(image, (255, 0, 0))
-        diff = target - pos
-        at = np.linalg.norm(diff) < 0.03
-        self.reached |= bool(at)
-        terminate = float(at and self.mode == "terminate")
-        move = np.clip(diff, -0.08, 0.08)
-        if self.mode == "overshoot" and self.reached:
-            move = np.array([-0.08, -0.08])
-        a7 = np.array([move[0], move[1], 0.0, 0.0, 0.0, 0.0, 0.0])
-        return {"a7": a7}, to_simpler_action(a7, terminate)
 
 
 def _cfg(tmp_path, task, **kw) -> EvalConfig:
     base = dict(task=task, protocol="visual_matching", backend=BACKEND, workers=1, video=False,
                 output_dir=str(tmp_path / "out"), progress=False,
-                policy={"kind": "factory", "target": f"{__name__}:ScriptedPolicy", "kwargs": {}})
+                policy={"kind": "factory", "target": "simpler_double:ScriptedPolicy", "kwargs": {}})
     base.update(kw)
     return EvalConfig(**base)
 
@@ -166,3 +127,77 @@ def test_entry_script_flags_overrides_and_default_checkpoint(tmp_path):
         os.utime(d / "config.json", (time.time() + i * 10, time.time() + i * 10))
     assert eval_simpler.newest_checkpoint(str(tmp_path / "ft")).parent.name == "new"
     assert eval_simpler.main(["--task", "move_far", "--policy-server", "h:1"]) == 2
+
+
+class RecordingBackend(simpler_double.DoubleBackend):
+    """The double, keeping every action dict its sessions receive (in-process runs only)."""
+
+    actions: list[dict] = []
+
+    def make(self, spec, **options):
+        session = super().make(spec, **options)
+        step = session.step
+
+        def recording_step(action):
+            RecordingBackend.actions.append({k: np.array(v) for k, v in action.items()})
+            return step(action)
+
+        session.step = recording_step
+        return session
+
+
+@pytest.mark.parametrize("rotation, expected", [
+    (None, [0.1, 0.2, 0.3]),  # the Google robot's default: RT-1's rotation_delta passed through as rot_axangle
+    ("axis_angle", [0.1, 0.2, 0.3]),
+    ("rpy", [0.06892461, 0.21322593, 0.28874894]),  # Rz(.3) Ry(.2) Rx(.1) as axis * angle (tests/test_conventions)
+])
+def test_rotation_convention_reaches_the_simulator_and_the_results(tmp_path, rotation, expected):
+    RecordingBackend.actions = []
+    cfg = _cfg(tmp_path, "reach", episodes=1, backend=f"{__name__}:RecordingBackend", rotation=rotation)
+    res = evaluate(cfg, policy=ScriptedPolicy("never", rotation_delta=[0.1, 0.2, 0.3]))
+    assert len(RecordingBackend.actions) == res.records[0].steps > 0
+    for a in RecordingBackend.actions:
+        np.testing.assert_allclose(a["rot_axangle"], expected, atol=1e-8)
+    ran = rotation or "axis_angle"
+    assert res.records[0].rotation == ran
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["meta"]["rotation"] == ran
+    assert f"Rotation convention: {ran}" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_unknown_rotation_convention_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="axis_angle.*rpy"):
+        evaluate(_cfg(tmp_path, "reach", rotation="quaternion"), policy=ScriptedPolicy())
+
+
+def test_ignore_terminate_runs_to_the_step_limit(tmp_path):
+    res = evaluate(_cfg(tmp_path, "reach", ignore_terminate=True), policy=ScriptedPolicy("terminate"))
+    assert all(r.steps == simpler_double.TASKS["reach"] and not r.terminated_by_policy for r in res.records)
+    assert all(r.success for r in res.records)  # it stays on the target
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["meta"]["ignore_terminate"] is True
+
+
+def test_entry_script_is_one_hydra_config_path_with_flag_aliases(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import eval_simpler
+
+    argv = ["--task", "maniskill/poke", "--env-id", "PokeCube-v1", "--instruction", "poke the cube, gently",
+            "--max-steps=70", "--rotation", "rpy", "--ignore-terminate", "--no-resume", "workers=2"]
+    assert eval_simpler.flags_to_overrides(argv) == [
+        "task=maniskill/poke", "env_id=PokeCube-v1", "instruction='poke the cube, gently'", "max_steps=70",
+        "rotation=rpy", "ignore_terminate=true", "resume=false", "workers=2"]
+    cfg = eval_simpler.parse(argv)
+    assert (cfg.rotation, cfg.ignore_terminate, cfg.resume, cfg.workers) == ("rpy", True, False, 2)
+    assert eval_simpler.task_options(cfg) == {"env_id": "PokeCube-v1", "instruction": "poke the cube, gently",
+                                              "max_steps": 70}
+    f = tmp_path / "poke.yaml"
+    f.write_text("task: maniskill/poke\nenv_id: PokeCube-v1\ninstruction: poke it\nmax_steps: 30\n")
+    cfg = eval_simpler.parse(["--task-file", str(f), "--max-steps", "40"])
+    assert eval_simpler.task_options(cfg) == {"env_id": "PokeCube-v1", "instruction": "poke it", "max_steps": 40}
+    with pytest.raises(eval_simpler.UsageError, match="Could not override 'rotation_mode'.*eval_simpler.yaml"):
+        eval_simpler.parse(["--rotation-mode", "rpy"])
+    with pytest.raises(eval_simpler.UsageError, match="unexpected argument 'move_near'"):
+        eval_simpler.parse(["move_near"])
+    assert eval_simpler.main(["--help"]) == 0
+    assert "rotation:" in capsys.readouterr().out  # the help shows the config's keys with their comments
+    assert eval_simpler.main(["--task", "maniskill/push_cube", "--rotation", "quaternion", "--policy-server", "h:1",
+                              "--output-dir", str(tmp_path / "o")]) == 2

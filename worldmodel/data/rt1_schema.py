@@ -3,7 +3,10 @@
 The spec is the one the published dataset carries (TFDS catalog, Open X-Embodiment): an episode holds
 ``steps`` plus ``aspects`` (5 bools: crowd-compute ratings) and ``attributes`` (int64 codes with their
 ``*_name`` strings). The reader only reads ``steps``; ``aspects`` and ``attributes`` are written (zeros /
-"UNSPECIFIED") so datasets made by ``rt1_writer`` have the exact published structure.
+"UNSPECIFIED") so datasets made by ``rt1_writer`` have the exact published structure, down to the tfds
+feature class of each of the 41 leaves in ``features.json`` (`PUBLISHED_LEAVES`): the published dataset
+declares its scalar flags, instruction, aspects and attributes as ``Tensor`` of shape () (bool, string,
+int64), not tfds ``Scalar`` / ``Text``; only ``steps/reward`` is a ``Scalar``.
 """
 
 from __future__ import annotations
@@ -55,6 +58,44 @@ REQUIRED = {
 }
 
 
+
+def published_leaves() -> dict[str, tuple[str, tuple, str]]:
+    """The 41 leaves of the published ``features.json``: path -> (tfds feature class, shape, dtype)."""
+    leaves = {f"steps/action/{k}": ("Tensor", shape, dtype) for k, (shape, dtype) in ACTION_SPEC.items()}
+    leaves.update({f"steps/observation/{k}": ("Tensor", shape, dtype)
+                   for k, (shape, dtype) in OBSERVATION_SPEC.items()})
+    leaves["steps/observation/image"] = ("Image", IMAGE_SHAPE, "uint8")
+    leaves["steps/observation/natural_language_instruction"] = ("Tensor", (), "string")
+    leaves.update({f"steps/{k}": ("Tensor", (), "bool") for k in ("is_first", "is_last", "is_terminal")})
+    leaves["steps/reward"] = ("Scalar", (), "float32")
+    leaves.update({f"aspects/{k}": ("Tensor", (), "bool") for k in ASPECTS})
+    for name in ATTRIBUTES:
+        leaves[f"attributes/{name}"] = ("Tensor", (), "int64")
+        leaves[f"attributes/{name}_name"] = ("Tensor", (), "string")
+    return leaves
+
+
+def feature_leaves(features_json: dict) -> dict[str, tuple[str, tuple, str]]:
+    """The leaves of a tfds ``features.json`` (as loaded): path -> (feature class, shape, dtype); Text has
+    shape () and dtype "string"."""
+    out: dict[str, tuple[str, tuple, str]] = {}
+
+    def walk(node: dict, path: str) -> None:
+        if "featuresDict" in node:
+            for key, child in node["featuresDict"]["features"].items():
+                walk(child, f"{path}/{key}" if path else key)
+        elif "sequence" in node:  # tfds Dataset: its steps keep the sequence's path
+            walk(node["sequence"]["feature"], path)
+        else:
+            cls = node["pythonClassName"].rsplit(".", 1)[-1]
+            body = node.get("tensor") or node.get("image") or {}
+            shape = tuple(int(d) for d in body.get("shape", {}).get("dimensions", []))
+            out[path] = (cls, shape, "string" if cls == "Text" else body.get("dtype", ""))
+
+    walk(features_json, "")
+    return out
+
+
 def rt1_features():
     """The exact `fractal20220817_data` 0.1.0 episode spec as a ``tfds.features.FeaturesDict``."""
     import numpy as np
@@ -67,22 +108,22 @@ def rt1_features():
 
     observation = {name: tensor(shape, dtype) for name, (shape, dtype) in OBSERVATION_SPEC.items()}
     observation["image"] = F.Image(shape=IMAGE_SHAPE, dtype=np.uint8, encoding_format="jpeg")
-    observation["natural_language_instruction"] = F.Text()
+    observation["natural_language_instruction"] = tensor((), "str_")  # Tensor(shape=(), dtype=string)
     step = F.FeaturesDict({
         "action": F.FeaturesDict({name: tensor(shape, dtype) for name, (shape, dtype) in ACTION_SPEC.items()}),
         "observation": F.FeaturesDict(observation),
-        "is_first": F.Scalar(dtype=np.bool_),
-        "is_last": F.Scalar(dtype=np.bool_),
-        "is_terminal": F.Scalar(dtype=np.bool_),
-        "reward": F.Scalar(dtype=np.float32),
+        "is_first": tensor((), "bool_"),
+        "is_last": tensor((), "bool_"),
+        "is_terminal": tensor((), "bool_"),
+        "reward": F.Scalar(dtype=np.float32),  # the one Scalar of the published spec
     })
     attributes = {}
     for name in ATTRIBUTES:
-        attributes[name] = F.Scalar(dtype=np.int64)
-        attributes[f"{name}_name"] = F.Text()
+        attributes[name] = tensor((), "int64")
+        attributes[f"{name}_name"] = tensor((), "str_")
     return F.FeaturesDict({
         "steps": F.Dataset(step),
-        "aspects": F.FeaturesDict({name: F.Scalar(dtype=np.bool_) for name in ASPECTS}),
+        "aspects": F.FeaturesDict({name: tensor((), "bool_") for name in ASPECTS}),
         "attributes": F.FeaturesDict(attributes),
     })
 
