@@ -13,8 +13,10 @@ single process), so AdamW skips them exactly as a single process would.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +80,18 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
             timeout=datetime.timedelta(seconds=timeout_s), device_id=dev if use_cuda else None,
         )
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto") -> Iterator[DistInfo]:
+    """``init_distributed`` for one run; leaves the process group at the end (also on error) if it joined it here."""
+    joined_here = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        if joined_here:
+            cleanup()
 
 
 def cleanup() -> None:
@@ -220,6 +234,6 @@ def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
 
 
 __all__ = [
-    "DistInfo", "init_distributed", "cleanup", "barrier", "all_reduce_mean", "broadcast_module",
+    "DistInfo", "init_distributed", "process_group", "cleanup", "barrier", "all_reduce_mean", "broadcast_module",
     "average_gradients", "replicate_module", "shard_fsdp2", "reshard_fsdp2", "full_state_dict",
 ]

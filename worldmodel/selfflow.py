@@ -115,8 +115,14 @@ def _mask_ratios(layout, config: SelfFlowConfig, device) -> Tensor:
     return torch.cat([torch.full((count,), config.ratio(m), device=device) for m, count in layout])
 
 
-def dual_timestep(seq: TokenSequence, config: SelfFlowConfig, generator: torch.Generator | None = None) -> DualTimestep:
-    """Draw the Self-Flow per-token times for ``seq`` (see the module docstring)."""
+def dual_timestep(seq: TokenSequence, config: SelfFlowConfig, generator: torch.Generator | None = None,
+                  factorize: bool | None = None) -> DualTimestep:
+    """Draw the Self-Flow per-token times for ``seq`` (see the module docstring).
+
+    factorize: also return the level factorisation (valid when every token outside ``seq.loss_mask`` is clean
+    (tau 0) or absent (tau 1), as in every training sequence the tasks build); None checks the tokens (one host
+    sync), True trusts the caller (no sync), False returns per-token times only.
+    """
     b, device = seq.batch_size, seq.x.device
     t = config.timesteps.sample((b,), generator, device)  # (B,)
     s = config.timesteps.sample((b,), generator, device)  # (B,)
@@ -132,9 +138,9 @@ def dual_timestep(seq: TokenSequence, config: SelfFlowConfig, generator: torch.G
     tau_teacher = torch.where(loss, torch.minimum(t_tok, s_tok), seq.tau)  # (B, N)
 
     # Level factorisation; only valid if every non-loss token is clean (0) or absent (1).
-    # One host sync here (training only; the sampler loop does not call this).
-    other = seq.tau[~loss]
-    if bool(((other == 0) | (other == 1)).all()):
+    if factorize is None:  # one host sync; tasks pass factorize=True
+        factorize = bool(((seq.tau == 0) | (seq.tau == 1) | loss).all())
+    if factorize:
         zeros, ones = torch.zeros_like(t), torch.ones_like(t)
         extra = [v for m in shifted for v in (shift_time(t, config.modality_shift[m]),
                                               shift_time(s, config.modality_shift[m]))]
@@ -194,14 +200,19 @@ class SelfFlowObjective(nn.Module):
         teacher: nn.Module | None,
         seq: TokenSequence,
         generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        """(scalar loss, metrics) for a batch whose ``seq.x`` holds CLEAN values."""
+        factorize: bool | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(scalar loss, metrics) for a batch whose ``seq.x`` holds CLEAN values.
+
+        Metrics are detached 0-dim device tensors (no host sync); ``flow/<m>`` is NaN (= not reported) where
+        modality m has no loss tokens. factorize: see ``dual_timestep`` (True: no host sync at all).
+        """
         cfg = self.config
         if cfg.uses_teacher and teacher is None:
             raise ValueError("Self-Flow with gamma > 0 needs the EMA teacher; pass EMA(...).model as teacher")
         x0 = seq.x  # (B, N, C)
         cmask = channel_mask(seq.layout, student.token_dim, x0.shape[-1], device=x0.device)  # (N, C)
-        dual = dual_timestep(seq, cfg, generator)
+        dual = dual_timestep(seq, cfg, generator, factorize)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * cmask  # (B, N, C)
 
         student_seq = seq.with_values(
@@ -236,13 +247,11 @@ class SelfFlowObjective(nn.Module):
             rep = -(cos * lm).sum() / lm.sum().clamp_min(1.0)
 
         loss = flow + cfg.gamma * rep if cfg.uses_teacher else flow
-        per_mod = [(mod_sq[m] / mod_n[m].clamp_min(1.0)).detach() for m in mod_sq]
-        values = torch.stack([loss.detach(), flow.detach(), rep.detach(), *per_mod, *mod_n.values()]).tolist()
-        metrics = dict(zip(("loss", "flow", "rep"), values[:3]))  # one host sync for all metrics
-        k = len(per_mod)
-        for modality, value, count in zip(mod_sq, values[3: 3 + k], values[3 + k:]):
-            if count > 0:  # flow/<m> only where m has loss tokens: no zeros from conditioning-only modalities
-                metrics[f"flow/{modality}"] = value
+        metrics = {"loss": loss.detach(), "flow": flow.detach(), "rep": rep.detach()}
+        for modality in mod_sq:  # NaN where m has no loss tokens: no zeros from conditioning-only modalities
+            count = mod_n[modality]
+            mean = (mod_sq[modality] / count.clamp_min(1.0)).detach()
+            metrics[f"flow/{modality}"] = torch.where(count > 0, mean, torch.full_like(mean, float("nan")))
         return loss, metrics
 
 
