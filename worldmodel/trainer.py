@@ -144,7 +144,8 @@ class Trainer:
         self.params = _unique_trainable(self.modules)
         if not self.params:
             raise ValueError("the task's modules have no trainable parameters")
-        self.sync = GradientSync(self.modules, self.params, self.ema_name, self.dist, config.fsdp)
+        backbone = task.ema_target()  # DDP-hooked even without EMA
+        self.sync = GradientSync(self.modules, self.params, backbone, self.dist, config.fsdp)
         if config.compiles_on(self.dist.device) and self.ema_name is not None:
             compile_blocks(self.modules[self.ema_name])
             compile_blocks(self.ema.model)
