@@ -60,7 +60,7 @@ class SelfFlowPolicy(ChunkedPolicy):
 
     def __init__(self, model, text_encoder, codec, normalizer, run_cfg: dict, device="cpu", sampling_steps: int = 10,
                  execute_steps: int | None = None, ensemble: bool = False, seed: int | None = None,
-                 sticky_gripper: int = 1, state_normalizer=None):
+                 sticky_gripper: int = 1, state_normalizer=None, compile: bool = False):
         from worldmodel.action_modes import WindowLayout
 
         data = run_cfg["data"]
@@ -79,6 +79,9 @@ class SelfFlowPolicy(ChunkedPolicy):
         # Each modality is integrated on the clock it was trained on (objective.modality_shift, e.g. actions 7.4).
         self.modality_shift = dict((run_cfg.get("objective") or {}).get("modality_shift") or {})
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        from worldmodel.fast_sampling import ChunkSampler  # compile=True on CUDA: bf16 + compiled + one CUDA graph
+
+        self._chunk_sampler = ChunkSampler(model, self.sampling_steps, self.modality_shift, compile=compile)
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -174,7 +177,6 @@ class SelfFlowPolicy(ChunkedPolicy):
         """(1, Tc, 3, h, w) context [+ (1, Tc, 8) state] -> (H, 8): 7 RT-1 action columns (physical units) +
         terminate."""
         from worldmodel.action_modes import build_sequence, split_action_tokens
-        from worldmodel.sampling import sample
 
         h = self.geometry.horizon
         text, text_mask = self._text(instruction)
@@ -183,8 +185,7 @@ class SelfFlowPolicy(ChunkedPolicy):
                              torch.ones(1, h, dtype=torch.bool, device=self.device), self.geometry, text, text_mask,
                              state=state)
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
-        out = sample(self.model, seq, steps=self.sampling_steps, generator=generator,
-                     modality_shift=self.modality_shift)
+        out = self._chunk_sampler(seq, generator)
         actions, terminate = split_action_tokens(out.x[:, -h:, : self.model.token_dim["action"]])
         raw = self.normalizer.unnormalize(actions[0].float().cpu().numpy())  # (H, 7)
         return np.concatenate([raw, terminate[0].float().cpu().numpy()[:, None]], axis=1)

@@ -238,11 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: the policy's)")
     p.add_argument("--max-message-mb", type=float, default=MAX_MESSAGE_BYTES / 2**20)
     p.add_argument("--no-warmup", action="store_true", help="skip the dummy inference (compilation) before serving")
+    p.add_argument("--compile", action="store_true", help="CUDA: bf16, compiled backbone, one CUDA graph per chunk")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from policies import SelfFlowPolicy  # torch is imported here only
 
-    kwargs = {} if args.device is None else {"device": args.device}
+    kwargs = ({} if args.device is None else {"device": args.device}) | ({"compile": True} if args.compile else {})
     policy = SelfFlowPolicy.from_pretrained(args.checkpoint, **kwargs)
     if not args.no_warmup:  # compile / capture before the first client waits on it
         size = (getattr(policy, "metadata", None) or {}).get("image_size") or (256, 320)  # (H, W) or one int
