@@ -58,6 +58,14 @@ class Budget:
     def left(self) -> float:
         return self.end - time.perf_counter()
 
+    def spent(self, name: str, rows: list[dict], show) -> bool:
+        """True (and ``name`` recorded and printed as skipped) once the budget is spent."""
+        if self.left() > 0:
+            return False
+        rows.append({"name": name, "skipped": "time budget spent"})
+        show(name, "skipped (time budget spent)")
+        return True
+
 
 def _fresh(cuda: bool) -> None:
     """Free the previous measurement's memory and compiled graphs (each measurement stands alone)."""
@@ -75,9 +83,7 @@ def training(plan: dict, device: str, budget: Budget, show, configs: list[tuple[
     for compiled, (batch, tokens) in configs:
         for objective in ("plain", "selfflow"):
             name = f"train {plan['size']} {objective} {batch}x{tokens} {'compiled' if compiled else 'eager'}"
-            if budget.left() <= 0:
-                rows.append({"name": name, "skipped": "time budget spent"})
-                show(name, "skipped (time budget spent)")
+            if budget.spent(name, rows, show):
                 continue
             _fresh(cuda)
             opts = {"size": plan["size"], "objective": objective, "device": device, "batch": batch,
@@ -142,9 +148,7 @@ def policy(plan: dict, device: str, budget: Budget, show, modes: list[str]) -> l
     for mode in modes:
         for batch in plan["policy_batches"]:
             name = f"policy {plan['size']} {POLICY_STEPS}-step chunk batch {batch} {mode}"
-            if budget.left() <= 0:
-                rows.append({"name": name, "skipped": "time budget spent"})
-                show(name, "skipped (time budget spent)")
+            if budget.spent(name, rows, show):
                 continue
             _fresh(cuda)
             torch.manual_seed(0)
@@ -181,10 +185,9 @@ def policy(plan: dict, device: str, budget: Budget, show, modes: list[str]) -> l
 
 
 def reader(plan: dict, train_rows: list[dict], budget: Budget, show) -> list[dict]:
-    name = "rt1 reader windows/s"
-    if budget.left() <= 0:
-        show(name, "skipped (time budget spent)")
-        return [{"name": name, "skipped": "time budget spent"}]
+    name, skipped = "rt1 reader windows/s", []
+    if budget.spent(name, skipped, show):
+        return skipped
     from bench_rt1_loader import measure
 
     from worldmodel.data.rt1_synthetic import ensure_embedded_sample
