@@ -67,3 +67,17 @@ def test_bf16_weights_agree_with_fp32():
     assert bf16.x.dtype == torch.float32  # results come back in the sequence's dtype
     acts = slice(-4, None)
     torch.testing.assert_close(bf16.x[:, acts], fp32.x[:, acts], atol=0.1, rtol=0.05)
+
+
+def test_policy_compile_option_keeps_cpu_eager_fp32(tmp_path):
+    import numpy as np
+
+    from policies import SelfFlowPolicy
+    from tests.test_policy import INSTR, _image, _make_policy
+
+    ckpt = _make_policy(sampling_steps=2).save_pretrained(tmp_path / "ckpt")
+    plain = SelfFlowPolicy.from_pretrained(ckpt, device="cpu", sampling_steps=2)
+    fast = SelfFlowPolicy.from_pretrained(ckpt, device="cpu", sampling_steps=2, compile=True)
+    assert not fast._chunk_sampler.fast and next(fast.model.parameters()).dtype == torch.float32
+    obs = {"image": _image(), "instruction": INSTR, "seed": 3}
+    np.testing.assert_array_equal(plain.predict_action_chunk(obs)["actions"], fast.predict_action_chunk(obs)["actions"])

@@ -33,4 +33,5 @@ def test_a_spent_budget_skips_and_says_so(tmp_path):
     import gpu_suite
 
     record = gpu_suite.run_suite(smoke=True, out=tmp_path / "suite.json", budget_s=0)
-    assert all(r.get("skipped") == "time budget spent" for r in record["training"] + record["policy"] + record["reader"])
+    rows = record["training"] + record["policy"] + record["reader"]
+    assert rows and all(r.get("skipped") == "time budget spent" for r in rows)

@@ -35,7 +35,10 @@ class DeviceMeans:
 
     def add(self, metrics: Mapping[str, Tensor | float]) -> None:
         for key, value in metrics.items():
-            value = torch.as_tensor(value, dtype=torch.float32).detach().to(self.device, non_blocking=True)
+            if isinstance(value, Tensor):
+                value = value.detach().float().to(self.device, non_blocking=True)
+            else:  # a Python number: a fill on the device, no host-to-device copy
+                value = torch.full((), float(value), device=self.device)
             reported = ~torch.isnan(value)
             value = torch.where(reported, value, torch.zeros_like(value))
             if key in self.sums:
