@@ -41,3 +41,13 @@ def test_compiled_blocks_match_eager_loss_and_gradients():
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-4)
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_trainer_compiles_backbone_and_ema_copy_only_when_asked(tmp_path):
+    from tests.test_trainer import ToyTask, make_trainer
+
+    auto = make_trainer(tmp_path / "auto", ToyTask())  # compile="auto" on CPU: eager
+    assert getattr(auto.task.model, "_compiled_call_impl", None) is None
+    on = make_trainer(tmp_path / "on", ToyTask(), compile=True)  # no blocks in the toy MLP: the module itself
+    assert on.task.model._compiled_call_impl is not None and on.ema.model._compiled_call_impl is not None
+    assert getattr(on.task.objective, "_compiled_call_impl", None) is None  # only the backbone

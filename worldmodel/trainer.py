@@ -144,11 +144,13 @@ class Trainer:
         self.params = _unique_trainable(self.modules)
         if not self.params:
             raise ValueError("the task's modules have no trainable parameters")
-        backbone = task.ema_target()  # DDP-hooked even without EMA
+        backbone = task.ema_target()  # DDP-hooked and compiled even without EMA
+        backbone = backbone if backbone in self.modules else None
         self.sync = GradientSync(self.modules, self.params, backbone, self.dist, config.fsdp)
-        if config.compiles_on(self.dist.device) and self.ema_name is not None:
-            compile_blocks(self.modules[self.ema_name])
-            compile_blocks(self.ema.model)
+        if config.compiles_on(self.dist.device) and backbone is not None:
+            compile_blocks(self.modules[backbone])
+            if self.ema is not None:
+                compile_blocks(self.ema.model)
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
