@@ -13,11 +13,15 @@ the plain step is printed beside it. MFU = counted FLOPs / step time / peak (H10
 
     python benchmarks/bench_backbone.py                       # CPU: tiny and small
     python benchmarks/bench_backbone.py --sizes base --batch 64 --tokens 320 --compile --sdpa-backend cudnn
+
+--compile compiles each block in place (worldmodel.train_step.compile_blocks), as the Trainer does.
+benchmarks/gpu_suite.py runs the whole GPU measurement (training, policy chunk, reader) in one call.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -32,9 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from worldmodel.selfflow import EMA, SelfFlowConfig, SelfFlowObjective  # noqa: E402
+from worldmodel.ema import EMA  # noqa: E402
+from worldmodel.selfflow import SelfFlowConfig, SelfFlowObjective  # noqa: E402
 from worldmodel.sizes import build_model  # noqa: E402
 from worldmodel.tokens import TokenSequence  # noqa: E402
+from worldmodel.train_step import compile_blocks  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak
 DEFAULT_BATCH = {"cpu": {"tiny": 8, "small": 2, "base": 1}, "cuda": {"tiny": 64, "small": 64, "base": 64}}
@@ -87,8 +93,9 @@ def run_one(opts: dict) -> dict:
     cfg = SelfFlowConfig() if opts["objective"] == "selfflow" else SelfFlowConfig.plain_flow_matching()
     obj = SelfFlowObjective.for_model(model, cfg).to(device)
     ema = EMA(model) if cfg.uses_teacher else None
-    student = torch.compile(model) if opts["compile"] else model
-    teacher = None if ema is None else (torch.compile(ema.model) if opts["compile"] else ema.model)
+    eager_model = copy.deepcopy(model) if opts["compile"] else model  # FLOPs are counted eagerly
+    student = compile_blocks(model) if opts["compile"] else model  # as the Trainer compiles: each block in place
+    teacher = None if ema is None else (compile_blocks(ema.model) if opts["compile"] else ema.model)
     opt = torch.optim.AdamW([*model.parameters(), *obj.parameters()], lr=1e-4, fused=cuda)
     seq = make_batch(opts["batch"], opts["tokens"], opts["text_tokens"], model.cfg.text_dim, device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -96,7 +103,7 @@ def run_one(opts: dict) -> dict:
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss, _ = obj.loss(student, teacher, seq, gen)
+            loss, _ = obj.loss(student, teacher, seq, gen, factorize=True)  # no host sync, as the tasks
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -110,9 +117,11 @@ def run_one(opts: dict) -> dict:
         counter = FlopCounterMode(display=False)
         with counter:  # eager count of one step (forward, teacher, backward)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss, _ = obj.loss(model, ema.model if ema else None, seq, gen)
+                eager_teacher = None if ema is None else copy.deepcopy(eager_model).requires_grad_(False)
+                loss, _ = obj.loss(eager_model, eager_teacher, seq, gen, factorize=True)
             loss.backward()
         opt.zero_grad(set_to_none=True)
+        del eager_model, eager_teacher
         flops = float(counter.get_total_flops())
         counted = counter.get_flop_counts().get("Global", {})
         if not any("attention" in str(op) for op in counted):  # CPU SDPA kernels are not in torch's registry

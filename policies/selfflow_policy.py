@@ -68,7 +68,8 @@ class SelfFlowPolicy(ChunkedPolicy):
     def __init__(self, model, text_encoder, codec, normalizer, run_cfg: dict, device="cpu", sampling_steps: int = 10,
                  execute_steps: int | None = None, ensemble: bool = False, seed: int | None = None,
                  sticky_gripper: int = 1, state_normalizer=None, limits: Limits = DEFAULT_LIMITS,
-                 text_cache_size: int = 64, camera: str | None = None):
+                 text_cache_size: int = 64, camera: str | None = None,
+                 compile: bool = False):
         from worldmodel.action_modes import WindowLayout
 
         data = run_cfg["data"]
@@ -91,6 +92,9 @@ class SelfFlowPolicy(ChunkedPolicy):
             raise ValueError(f"text_cache_size must be >= 1, got {text_cache_size}")
         self.text_cache_size = int(text_cache_size)
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # LRU, newest last
+        from worldmodel.fast_sampling import ChunkSampler  # compile=True on CUDA: bf16 + compiled + one CUDA graph
+
+        self._chunk_sampler = ChunkSampler(model, self.sampling_steps, self.modality_shift, compile=compile)
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -203,7 +207,6 @@ class SelfFlowPolicy(ChunkedPolicy):
         with seeds[i] would draw it (its own generator, or the global RNG in row order when None), so the rows
         equal B single calls. Raises ValueError rather than return a non-finite action."""
         from worldmodel.action_modes import build_sequence, split_action_tokens
-        from worldmodel.sampling import sample
 
         b, h = context.shape[0], self.geometry.horizon
         text, text_mask = self._texts(instructions)
@@ -214,7 +217,7 @@ class SelfFlowPolicy(ChunkedPolicy):
         row_shape, dtype = (1, *seq.x.shape[1:]), seq.x.dtype
         noise = torch.cat([torch.randn(row_shape, device=self.device, dtype=dtype, generator=None if s is None else
                                        torch.Generator(device=self.device).manual_seed(s)) for s in seeds])
-        out = sample(self.model, seq, steps=self.sampling_steps, noise=noise, modality_shift=self.modality_shift)
+        out = self._chunk_sampler(seq, noise=noise)
         actions, terminate = split_action_tokens(out.x[:, -h:, : self.model.token_dim["action"]])
         raw = self.normalizer.unnormalize(actions.float().cpu().numpy().reshape(b * h, 7)).reshape(b, h, 7)
         chunks = np.concatenate([raw, terminate.float().cpu().numpy()[..., None]], axis=2)  # (B, H, 8)

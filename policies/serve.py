@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_LIMITS.max_pixels, help="largest H * W per frame")
     p.add_argument("--debug", action="store_true", help="send tracebacks to clients (always in the server log)")
     p.add_argument("--no-warmup", action="store_true", help="skip the dummy inference (compilation) before serving")
+    p.add_argument("--compile", action="store_true", help="CUDA: bf16, compiled backbone, one CUDA graph per chunk")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from dataclasses import replace
@@ -316,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
 
     limits = replace(DEFAULT_LIMITS, max_pixels=args.max_pixels)
     kwargs = {"limits": limits} if args.device is None else {"device": args.device, "limits": limits}
+    if args.compile:
+        kwargs["compile"] = True
     policy = SelfFlowPolicy.from_pretrained(args.checkpoint, **kwargs)
     server = PolicyServer(policy, args.host, args.port, metadata={"checkpoint": str(args.checkpoint)},
                           max_message_bytes=int(args.max_message_mb * 2**20), max_batch=args.max_batch,

@@ -93,3 +93,59 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(ValueError, match="MASTER_ADDR"):
         init_distributed("cpu")
+
+
+class BranchTask(ToyTask):
+    """Micro-step j of an optimizer step uses branch j of the backbone only (another modality's projection);
+    ``never`` is used by no micro-step on any rank and must keep grad=None (AdamW leaves it alone)."""
+
+    def __init__(self, batch=4, accum=2, init_seed=0):
+        super().__init__(batch=batch, accum=accum, init_seed=init_seed)
+        torch.manual_seed(init_seed + 1)
+        self.model = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 4), "b": torch.nn.Linear(4, 4),
+                                          "never": torch.nn.Linear(4, 4)})
+        self.model.forward = lambda x, branch: self.model[branch](x)
+
+    def batches(self, start_step, rank, world_size):
+        for i, batch in enumerate(super().batches(start_step, rank, world_size)):
+            yield {**batch, "branch": "ab"[i % 2]}
+
+    def loss(self, batch, step, ema):
+        h = self.model(batch["x"], batch["branch"])  # (B, 4)
+        loss = (self.objective(h) - batch["x"] @ self.target).square().mean()
+        return loss, {"loss": loss.detach()}
+
+
+def _branch_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    try:
+        trainer = make_trainer(out_dir, BranchTask(batch=2), max_steps=3, accum_steps=2, ema=False, dist_info=info)
+        assert trainer.sync.hooked is trainer.task.model  # DDP hooks on the backbone: all-reduce during backward
+        history = trainer.fit()
+        params = {k: v.flatten().tolist() for k, v in trainer.task.model.state_dict().items()}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"history": history, "params": params}, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_hooks_with_accumulation_and_unused_branches_match_one_process(tmp_path):
+    # one process, 4 micro-batches of 2 rows == 2 ranks x 2 micro-batches of 2 rows (the same rows, same branches)
+    single = make_trainer(tmp_path / "single", BranchTask(batch=2, accum=4), max_steps=3, accum_steps=4, ema=False)
+    never_before = single.task.model["never"].weight.detach().clone()
+    ref = single.fit()
+    assert single.task.model["never"].weight.grad is None
+    assert torch.equal(single.task.model["never"].weight, never_before)  # weight decay did not touch it
+    out = tmp_path / "two"
+    out.mkdir()
+    mp.spawn(_branch_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    for r in range(2):
+        got = json.loads((out / f"rank{r}.json").read_text())
+        for a, b in zip(ref, got["history"]):
+            assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], abs=1e-6)
+        for k, v in single.task.model.state_dict().items():
+            torch.testing.assert_close(torch.tensor(got["params"][k]), v.flatten(), atol=1e-6, rtol=0)

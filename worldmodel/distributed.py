@@ -1,20 +1,22 @@
-"""Multi-process training under ``torchrun``: process group setup, gradient averaging, FSDP2 sharding.
+"""Multi-process training under ``torchrun``: process group setup, DDP hooks, gradient averaging, FSDP2 sharding.
 
 ``torchrun --nproc_per_node=N scripts/pretrain.py`` sets RANK / WORLD_SIZE / LOCAL_RANK; without them
 this is a single process and every helper is a no-op. Backend: nccl on CUDA, gloo on CPU.
 
-Data parallelism averages gradients explicitly after the last micro-batch of each optimizer step
-(bucketed all-reduce in a fixed parameter order) instead of wrapping modules in DDP: tasks call their
-own module references (``objective.loss(self.model, ...)``, ``student.token_dim``), which a DDP wrapper
-would bypass. The result is the same gradient DDP computes; communication does not overlap backward.
-Parameters that got no gradient on ANY rank keep ``grad=None`` (as in a single process), so AdamW
-skips them exactly as a single process would.
+The backbone's gradients are reduced while backward runs: FSDP2 hooks (``shard_fsdp2``) or DDP hooks
+attached in place (``replicate_module``), so tasks keep calling their own module references
+(``objective.loss(self.model, ...)``, ``student.token_dim``), which a DDP wrapper object would bypass.
+Other parameters are averaged after backward (``average_gradients``: bucketed all-reduce in a fixed
+parameter order). Either way, parameters that got no gradient on ANY rank keep ``grad=None`` (as in a
+single process), so AdamW skips them exactly as a single process would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +82,18 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
+@contextlib.contextmanager
+def process_group(device: str = "auto") -> Iterator[DistInfo]:
+    """``init_distributed`` for one run; leaves the process group at the end (also on error) if it joined it here."""
+    joined_here = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        if joined_here:
+            cleanup()
+
+
 def cleanup() -> None:
     """Leave the process group (call once at the end of a torchrun script)."""
     if dist.is_available() and dist.is_initialized():
@@ -111,20 +125,21 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
             dist.broadcast(t.data, src=src)
 
 
-def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+def average_gradients(params: list[nn.Parameter], world_size: int, flag_group=None) -> None:
     """Average ``p.grad`` over ranks in place (bucketed), in the given fixed order.
 
     A parameter without a gradient on this rank contributes zeros; one without a gradient on every
     rank keeps ``grad=None``. DTensor (FSDP2-sharded) parameters are skipped: FSDP reduces them.
+    Which parameters have gradients is exchanged on the CPU (``flag_group``: a gloo group, or the default
+    group when it is gloo), so the device is never synchronised with the host.
     """
     if world_size <= 1 or not dist.is_initialized():
         return
     params = [p for p in params if not _is_dtensor(p)]
     if not params:
         return
-    device = params[0].device
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)  # (P,)
-    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)  # (P,) host-side flags
+    dist.all_reduce(has, op=dist.ReduceOp.MAX, group=flag_group)
     used = [p for p, h in zip(params, has.tolist()) if h]
     for p in used:
         if p.grad is None:
@@ -139,6 +154,24 @@ def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
             bucket, size = [], 0
     if bucket:
         _reduce_bucket(bucket, world_size)
+
+
+def replicate_module(module: nn.Module, device: torch.device) -> nn.Module:
+    """DDP gradient hooks on ``module`` in place (``torch.distributed._composable.replicate``).
+
+    Its gradients are all-reduced in buckets while backward runs; parameters unused in a forward (another
+    modality's projection) are allowed, and ones unused on every rank keep ``grad=None``. Gradient
+    accumulation: ``module.set_requires_gradient_sync(False)`` before the forwards that must not sync.
+    No collective runs in a no-grad forward, so one rank may evaluate the module alone.
+    """
+    from torch.distributed._composable import replicate
+
+    if not dist.is_initialized():
+        raise ValueError("replicate_module needs a process group: launch with torchrun (WORLD_SIZE > 1)")
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    replicate(module, find_unused_parameters=True, broadcast_buffers=False, **kwargs)
+    replicate.state(module).lazy_init()  # now, on every rank (DDP's constructor is a collective)
+    return module
 
 
 def _reduce_bucket(grads: list[Tensor], world_size: int) -> None:
@@ -201,6 +234,6 @@ def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
 
 
 __all__ = [
-    "DistInfo", "init_distributed", "cleanup", "barrier", "all_reduce_mean", "broadcast_module",
-    "average_gradients", "shard_fsdp2", "reshard_fsdp2", "full_state_dict",
+    "DistInfo", "init_distributed", "process_group", "cleanup", "barrier", "all_reduce_mean", "broadcast_module",
+    "average_gradients", "replicate_module", "shard_fsdp2", "reshard_fsdp2", "full_state_dict",
 ]

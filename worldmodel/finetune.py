@@ -1,8 +1,12 @@
 """RT-1 video-action fine-tuning: the training task over RLDS windows and a mixture of modes.
 
 Each micro-batch holds ONE mode (policy / joint / dynamics / video, worldmodel.action_modes), drawn
-with configured probabilities, so every batch has one static layout and the policy mode is trained
-with exactly the layout the policy samples with (no future frames at all).
+with configured probabilities (the same on every rank), so every batch has one static layout and the policy
+mode is trained with exactly the layout the policy samples with (no future frames at all).
+
+The data stream is a function of the micro-step alone: pass p of the loader is shuffled by (seed, p), and a
+run resumed at step k replays the stream up to micro-step k * accum_steps, so it sees exactly the batches the
+uninterrupted run saw (exact resume; the replay reads, but does not train on, the windows before k).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from worldmodel.action_modes import WindowLayout, build_sequence, draw_mode
+from worldmodel.rng import draw_generator
 from worldmodel.text import blank_captions
 from worldmodel.trainer import BackboneTask
 
@@ -37,7 +42,8 @@ class FinetuneTask(BackboneTask):
         accum_steps: int = 1,
         use_state: bool = False,
     ):
-        """make_loader(start_step, rank, world_size) -> iterable of collated RT-1 window batches."""
+        """make_loader(pass_index, rank, world_size) -> iterable of collated RT-1 window batches: one pass over this
+        rank's shard, shuffled by (seed, pass_index) only, so every pass can be replayed."""
         self.model, self.objective, self.text_encoder, self.codec = model, objective, text_encoder, codec
         self.make_loader, self.geometry, self.mode_probs = make_loader, geometry, dict(mode_probs)
         self.instruction_dropout, self.seed, self.accum_steps = instruction_dropout, seed, accum_steps
@@ -45,12 +51,14 @@ class FinetuneTask(BackboneTask):
         draw_mode(self.mode_probs, torch.Generator().manual_seed(0))  # validate the mode names now
 
     def batches(self, start_step: int, rank: int, world_size: int):
-        micro = start_step * self.accum_steps
-        for batch in _repeat(self.make_loader, start_step, rank, world_size):
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + micro)
-            batch["mode"] = draw_mode(self.mode_probs, generator)
-            batch["micro_step"] = micro
-            micro += 1
+        """This rank's micro-batches from optimizer step ``start_step`` on: the stream replayed from its start and
+        the first ``start_step * accum_steps`` micro-batches skipped, so a resumed run continues it exactly."""
+        first = start_step * self.accum_steps
+        for micro, batch in enumerate(_passes(self.make_loader, rank, world_size)):
+            if micro < first:
+                continue
+            batch["mode"] = draw_mode(self.mode_probs, draw_generator(self.seed, "mode", micro))  # same on all ranks
+            batch["micro_step"], batch["rank"] = micro, rank
             yield batch
 
     def sequence(self, batch: dict, mode: str, device, drop_instructions: bool = True, model: nn.Module | None = None):
@@ -62,7 +70,8 @@ class FinetuneTask(BackboneTask):
         instructions = list(batch["instruction"])
         drop = blank_captions(instructions)  # (B,)
         if drop_instructions and self.instruction_dropout > 0:
-            generator = torch.Generator().manual_seed(self.seed * 7_919 + int(batch.get("micro_step", 0)))
+            generator = draw_generator(self.seed, "caption_dropout", int(batch.get("micro_step", 0)),
+                                       int(batch.get("rank", 0)))  # per rank: ranks drop different instructions
             drop |= torch.rand(len(instructions), generator=generator) < self.instruction_dropout
         text, text_mask = self.text_encoder_for(model).encode(instructions, device=device)
         future = batch.get("future")
@@ -74,41 +83,62 @@ class FinetuneTask(BackboneTask):
         )
         return seq.with_values(seq.x, text_drop=drop.to(device))
 
-    def loss(self, batch: dict, step: int, ema: nn.Module | None) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict, step: int, ema: nn.Module | None) -> tuple[Tensor, dict[str, Tensor]]:
         device = next(self.model.parameters()).device
         mode = batch["mode"]
         seq = self.sequence(batch, mode, device)
-        generator = torch.Generator(device=device).manual_seed(self.seed * 31 + int(batch["micro_step"]))
-        loss, metrics = self.objective.loss(self.model, ema, seq, generator=generator)
+        # noise, times and masks: reproducible per (seed, micro-step) and different on every rank
+        generator = draw_generator(self.seed, "objective", int(batch["micro_step"]), int(batch.get("rank", 0)), device)
+        # factorize=True: build_sequence gives every token outside the loss mask tau 0 or 1 (no host sync)
+        loss, metrics = self.objective.loss(self.model, ema, seq, generator=generator, factorize=True)
         metrics = dict(metrics)
-        metrics[f"loss/{mode}"] = metrics.get("loss", float(loss.detach()))
+        metrics[f"loss/{mode}"] = metrics.get("loss", loss.detach())
         return loss, metrics
 
 
-def _repeat(make_loader, start_step: int, rank: int, world_size: int):
-    """Loop over the loader forever (a new pass re-seeds by pass number)."""
+def _passes(make_loader, rank: int, world_size: int):
+    """Loop over the loader forever, pass p shuffled by p (the stream depends on nothing else)."""
     for epoch in itertools.count():
         yielded = False
-        for batch in make_loader(start_step + epoch * 1_000_000, rank, world_size):
+        for batch in make_loader(epoch, rank, world_size):
             yielded = True
             yield batch
         if not yielded:
             raise ValueError("the RT-1 training loader produced no windows: is the training split empty?")
 
 
-def init_from_pretrained(model: nn.Module, text_encoder: nn.Module, path) -> list[str]:
-    """Load a pretraining checkpoint into the fine-tuning model; the action heads start fresh.
-
-    Everything else must match exactly (a clear error names mismatched keys); returns the keys left at init.
-    """
+def init_from_pretrained(model: nn.Module, text_encoder: nn.Module, ckpt) -> list[str]:
+    """Load a pretraining checkpoint (a path or a loaded ``Checkpoint``) into the fine-tuning model; the action
+    heads start fresh. Everything else must match exactly (a clear error names mismatched keys); returns the keys
+    left at init."""
     from worldmodel.builders import PRETRAIN_KIND
     from worldmodel.checkpoint import load_checkpoint, load_state_strict, load_weights_partial
 
-    ckpt = load_checkpoint(path, expected_kind=PRETRAIN_KIND)
+    if not hasattr(ckpt, "weights"):
+        ckpt = load_checkpoint(ckpt, expected_kind=PRETRAIN_KIND)
     state = {k: v for k, v in ckpt.weights["model"].items() if not k.startswith(NEW_HEADS)}
-    left = load_weights_partial(model, state, allow_missing_prefixes=NEW_HEADS, where=f"{path} [model]")
-    load_state_strict(text_encoder, ckpt.weights["text_encoder"], f"{path} [text_encoder]")
+    left = load_weights_partial(model, state, allow_missing_prefixes=NEW_HEADS, where=f"{ckpt.path} [model]")
+    load_state_strict(text_encoder, ckpt.weights["text_encoder"], f"{ckpt.path} [text_encoder]")
     return left
+
+
+def pretrained_start(cfg, run_cfg: dict):
+    """The checkpoint named by ``cfg.init_from`` (loaded once, checked for kind and model size), or None; its codec
+    and text settings replace ``run_cfg``'s (caption dropout stays the fine-tuning one)."""
+    from worldmodel import builders
+    from worldmodel.checkpoint import load_checkpoint
+
+    if not cfg.init_from:
+        log.warning("no init_from: fine-tuning from scratch (pass init_from=outputs/pretrain/<time>/checkpoint "
+                    "to start from a pretrained world model)")
+        return None
+    ckpt = load_checkpoint(cfg.init_from, expected_kind=builders.PRETRAIN_KIND)
+    size = ckpt.config["model"]["size"]
+    if size != cfg.model.size:
+        raise ValueError(f"init_from is a {size!r} model but model={cfg.model.size}; set model={size}")
+    run_cfg["codec"] = ckpt.config["run"]["codec"]
+    run_cfg["text"] = {**ckpt.config["run"]["text"], "caption_dropout": cfg.text.caption_dropout}
+    return ckpt
 
 
 # the action and state modalities' projections, new in fine-tuning
@@ -127,9 +157,9 @@ def run_finetuning(cfg, output_dir, callbacks=()) -> dict:
     from omegaconf import OmegaConf
 
     from worldmodel import builders
+    from worldmodel import distributed as wdist
     from worldmodel.action_modes import ACTION_TOKEN_DIM, MODES
     from worldmodel.actions import load_or_compute_stats
-    from worldmodel.checkpoint import read_json
     from worldmodel.data.rt1_reader import RT1Windows, collate_rt1
     from worldmodel.data.rt1_synthetic import ensure_embedded_sample
     from worldmodel.rt1_eval import evaluate_offline, write_prediction_video
@@ -140,26 +170,15 @@ def run_finetuning(cfg, output_dir, callbacks=()) -> dict:
     device = builders.resolve_device(str(cfg.device))
     torch.manual_seed(int(cfg.seed))
     run_cfg = builders.plain(cfg)
-    if cfg.init_from:
-        pre = read_json(Path(cfg.init_from) / "config.json")  # a damaged file is an error naming it
-        if pre.get("kind") != builders.PRETRAIN_KIND:
-            raise ValueError(f"init_from={cfg.init_from} holds a {pre.get('kind')!r} checkpoint; "
-                             f"pass a pretraining checkpoint dir (outputs/pretrain/<time>/checkpoint)")
-        if pre["model"]["size"] != cfg.model.size:
-            raise ValueError(f"init_from is a {pre['model']['size']!r} model but model={cfg.model.size}; "
-                             f"set model={pre['model']['size']}")
-        run_cfg["codec"], run_cfg["text"] = pre["run"]["codec"], {**pre["run"]["text"],
-                                                                  "caption_dropout": cfg.text.caption_dropout}
-    else:
-        log.warning("no init_from: fine-tuning from scratch (pass init_from=outputs/pretrain/<time>/checkpoint "
-                    "to start from a pretrained world model)")
+    pretrained = pretrained_start(cfg, run_cfg)
     codec = builders.build_frames_codec(OmegaConf.create(run_cfg["codec"]))
     text_encoder = builders.build_text(OmegaConf.create(run_cfg["text"]))
     model = builders.build_backbone(cfg.model, {"video": codec.token_dim, "action": ACTION_TOKEN_DIM,
                                                 "state": STATE_DIM}, text_encoder.feature_dim)
-    if cfg.init_from:
-        left = init_from_pretrained(model, text_encoder, cfg.init_from)
+    if pretrained is not None:
+        left = init_from_pretrained(model, text_encoder, pretrained)
         log.info("initialised from %s; new (untrained) tensors: %s", cfg.init_from, left)
+        del pretrained
 
     d = cfg.data
     data_dir = d.rt1_dir or ensure_embedded_sample(num_episodes=int(d.synthetic_episodes), steps=int(d.synthetic_steps),
@@ -179,8 +198,8 @@ def run_finetuning(cfg, output_dir, callbacks=()) -> dict:
                           num_parallel_calls=int(d.num_parallel_calls), state=use_state,
                           state_normalizer=state_normalizer)
 
-    def make_loader(start_step: int, rank: int, world_size: int):
-        dataset = windows("train", rank, world_size, seed=int(cfg.seed) * 100_003 + start_step)
+    def make_loader(pass_index: int, rank: int, world_size: int):
+        dataset = windows("train", rank, world_size, seed=int(cfg.seed) * 100_003 + pass_index)
         return torch.utils.data.DataLoader(dataset, batch_size=int(d.batch_size), collate_fn=collate_rt1,
                                            num_workers=int(d.workers), drop_last=True)
 
@@ -199,9 +218,9 @@ def run_finetuning(cfg, output_dir, callbacks=()) -> dict:
     results: dict = {}
 
     def evaluate(trainer, step: int) -> None:
+        weights = trainer.evaluation_modules()["model"]  # every rank: gathers FSDP-sharded weights once
         if not trainer.dist.is_main:
             return
-        weights = trainer.ema.model if trainer.ema is not None else model
         was_training = weights.training
         weights.eval()
         metrics = evaluate_offline(weights, task, eval_batches(), normalizer, mean_action,
@@ -223,6 +242,8 @@ def run_finetuning(cfg, output_dir, callbacks=()) -> dict:
     extra_json = {"action_stats": normalizer.to_dict()}
     if state_normalizer is not None:
         extra_json["state_stats"] = state_normalizer.to_dict()
-    trainer = Trainer(task, trainer_cfg, checkpoint_config, extra_json=extra_json, callbacks=[evaluate, *callbacks])
-    trainer.fit()
+    with wdist.process_group(str(device)) as dist_info:
+        trainer = Trainer(task, trainer_cfg, checkpoint_config, extra_json=extra_json,
+                          callbacks=[evaluate, *callbacks], dist_info=dist_info)
+        trainer.fit()
     return {"checkpoint": str(trainer.checkpoint_dir), "offline_eval": results, "output_dir": str(output_dir)}

@@ -87,6 +87,15 @@ class ModelOutput(NamedTuple):
     hidden: dict[int, Tensor]
 
 
+class TextContext(NamedTuple):
+    """What a forward pass computes from the text and the token positions alone: unchanged while only the
+    values and times change (the steps of one sampled chunk), so a sampler computes it once per chunk."""
+
+    txt: Tensor  # (B, L, D) text stream entering the first block (the null token when there is no text)
+    mask: Tensor | None  # (B, 1, 1, L+N) bool attention-key mask (padded text masked out), or None
+    rope: tuple[Tensor, Tensor]  # cos, sin (L+N, head_dim)
+
+
 class WorldModel(nn.Module):
     """MMDiT velocity field over a packed multi-modal ``TokenSequence`` with per-token flow time."""
 
@@ -206,10 +215,27 @@ class WorldModel(nn.Module):
         key_mask = torch.cat([drop, real & ~drop], dim=1)  # (B, 1+L)
         return torch.cat([null.to(txt.dtype), txt], dim=1), key_mask  # (B, 1+L, D)
 
+    def prepare_context(self, seq: TokenSequence, dtype: torch.dtype | None = None) -> TextContext:
+        """Text stream, attention mask and RoPE of ``seq`` (they depend on text, text_drop and positions only)."""
+        b, n = seq.tau.shape
+        txt, key_mask = self._text_stream(seq, b, dtype or self.text_in.weight.dtype)  # (B, L, D), (B, L) or None
+        length = txt.shape[1]
+        mask = None
+        if key_mask is not None:  # padded text tokens are masked out of the attention keys
+            media_keys = torch.ones(b, n, dtype=torch.bool, device=seq.x.device)
+            mask = torch.cat([key_mask.bool(), media_keys], dim=1)[:, None, None, :]  # (B, 1, 1, L+N)
+        text_pos = torch.zeros(length, 3, device=seq.pos.device, dtype=seq.pos.dtype)
+        rope = rope_frequencies(torch.cat([text_pos, seq.pos], dim=0), self.cfg.rope_axes, self.cfg.rope_theta)
+        return TextContext(txt, mask, rope)
+
     def forward(
-        self, seq: TokenSequence, return_hidden: Sequence[int] = (), stop_after: int | None = None
+        self, seq: TokenSequence, return_hidden: Sequence[int] = (), stop_after: int | None = None,
+        context: TextContext | None = None,
     ) -> ModelOutput:
-        """Velocity for every token of ``seq`` and the media hidden states of the blocks in ``return_hidden``."""
+        """Velocity for every token of ``seq`` and the media hidden states of the blocks in ``return_hidden``.
+
+        context: ``prepare_context(seq)`` computed earlier for a sequence with the same text and positions.
+        """
         wanted = self._check(seq, return_hidden, stop_after)
         x = seq.x  # (B, N, C)
         b, n, channels = x.shape
@@ -219,15 +245,8 @@ class WorldModel(nn.Module):
         parts = [self.inputs[m](x[:, sl, : dims[m]].to(wdtype)) for m, sl in segments]  # [(B, n_m, D)]
         img = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, N, D)
 
-        txt, key_mask = self._text_stream(seq, b, img.dtype)  # (B, L, D), (B, L) or None
+        txt, mask, rope = context if context is not None else self.prepare_context(seq, img.dtype)
         length = txt.shape[1]
-        mask = None
-        if key_mask is not None:  # padded text tokens are masked out of the attention keys
-            media_keys = torch.ones(b, n, dtype=torch.bool, device=x.device)
-            mask = torch.cat([key_mask.bool(), media_keys], dim=1)[:, None, None, :]  # (B, 1, 1, L+N)
-
-        text_pos = torch.zeros(length, 3, device=seq.pos.device, dtype=seq.pos.dtype)
-        rope = rope_frequencies(torch.cat([text_pos, seq.pos], dim=0), self.cfg.rope_axes, self.cfg.rope_theta)
         txt_cond, img_cond, joint_cond = self._time_conditions(seq, length)
 
         hidden: dict[int, Tensor] = {}

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from worldmodel.data import collate
+from worldmodel.rng import draw_generator
 from worldmodel.text import blank_captions
 from worldmodel.tokens import TokenSequence
 from worldmodel.trainer import BackboneTask
@@ -82,7 +83,7 @@ class PretrainTask(BackboneTask):
             which, indices = draw_stream_indices(self.seed, micro, self.streams, rank, world_size)
             stream = self.streams[which]
             batch = collate_media([stream.dataset[i] for i in indices], stream.modality)
-            batch["micro_step"] = micro
+            batch["micro_step"], batch["rank"] = micro, rank
             micro += 1
             yield batch
 
@@ -98,8 +99,8 @@ class PretrainTask(BackboneTask):
         codec = self.stream_for(modality).codec
         tokens, pos = codec.encode(batch[MEDIA_KEY[modality]].to(device))  # (B, N, C), (N, 3)
         b, n, _ = tokens.shape
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(batch["micro_step"]))
-        keep = torch.rand(b, generator=generator) >= self.caption_dropout  # (B,)
+        generator = draw_generator(self.seed, "caption_dropout", int(batch["micro_step"]), int(batch.get("rank", 0)))
+        keep = torch.rand(b, generator=generator) >= self.caption_dropout  # (B,) different on every rank
         text, text_mask, blank = self.encode_text(batch["caption"], device)
         return TokenSequence(
             x=tokens, tau=torch.zeros(b, n, device=device), pos=pos.to(device), layout=((modality, n),),
@@ -113,14 +114,16 @@ class PretrainTask(BackboneTask):
                 return stream
         raise ValueError(f"no stream for modality {modality!r}")
 
-    def loss(self, batch: dict, step: int, ema: nn.Module | None) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict, step: int, ema: nn.Module | None) -> tuple[Tensor, dict[str, Tensor]]:
         device = next(self.model.parameters()).device
         seq = self.build_sequence(batch, device)
-        generator = torch.Generator(device=device).manual_seed(self.seed * 7_919 + int(batch["micro_step"]))
-        loss, metrics = self.objective.loss(self.model, ema, seq, generator=generator)
+        # noise, times and masks: reproducible per (seed, micro-step) and different on every rank
+        generator = draw_generator(self.seed, "objective", int(batch["micro_step"]), int(batch.get("rank", 0)), device)
+        # factorize=True: every token is a loss token (no host sync)
+        loss, metrics = self.objective.loss(self.model, ema, seq, generator=generator, factorize=True)
         metrics = dict(metrics)
         modality = batch["modality"]
-        metrics[f"loss/{modality}"] = metrics.get("loss", float(loss.detach()))
+        metrics[f"loss/{modality}"] = metrics.get("loss", loss.detach())
         if "rep" in metrics:
             metrics[f"rep/{modality}"] = metrics["rep"]
         return loss, metrics
@@ -227,6 +230,7 @@ def build_streams(cfg, frame_codec, audio_codec) -> list[ModalityStream]:
 def run_pretraining(cfg, output_dir: str | Path) -> dict:
     """Build everything from the Hydra config, train, and write checkpoint, samples and loss curves."""
     from worldmodel import builders
+    from worldmodel import distributed as wdist
     from worldmodel.trainer import Trainer
 
     output_dir = Path(output_dir)
@@ -245,12 +249,13 @@ def run_pretraining(cfg, output_dir: str | Path) -> dict:
              ", ".join(f"{s.modality} ({len(s.dataset)} samples)" for s in task.streams))
 
     def sample_callback(trainer, step: int) -> None:
+        weights = trainer.evaluation_modules(use_ema=bool(cfg.sampling.use_ema))["model"]  # every rank (FSDP)
         if trainer.dist.is_main:
-            weights = trainer.ema.model if (trainer.ema is not None and cfg.sampling.use_ema) else model
             write_samples(weights, task, output_dir, cfg.sampling, int(cfg.seed))
 
     checkpoint_config = {"kind": builders.PRETRAIN_KIND, "model": model.config, "run": builders.plain(cfg)}
-    trainer = Trainer(task, trainer_cfg, checkpoint_config, callbacks=[sample_callback])
-    history = trainer.fit()
+    with wdist.process_group(device) as dist_info:
+        trainer = Trainer(task, trainer_cfg, checkpoint_config, callbacks=[sample_callback], dist_info=dist_info)
+        history = trainer.fit()
     return {"final_loss": history[-1]["loss"] if history else None, "checkpoint": str(trainer.checkpoint_dir),
             "output_dir": str(output_dir)}

@@ -93,8 +93,9 @@ def write_prediction_video(model: nn.Module, task, batch: dict, path: Path, step
     out = sample(model, seq, steps=steps, generator=torch.Generator(device=device).manual_seed(seed),
                  modality_shift=trained_shifts(task))
     context, future = batch["context"][:rows], batch["future"][:rows]  # (R, Tc/Tf, 3, h, w)
-    n_ctx = task.codec.encode(context.to(device))[0].shape[1]
-    n_fut = task.codec.encode(future.to(device))[0].shape[1]
+    n_video = dict(seq.layout)["video"]  # context then future frames, encoded once (same tokens per frame)
+    n_ctx = n_video * context.shape[1] // (context.shape[1] + future.shape[1])
+    n_fut = n_video - n_ctx
     video_dim = model.token_dim["video"]
     pred = task.codec.decode(out.x[:rows, n_ctx: n_ctx + n_fut, :video_dim], future.shape).clamp(-1, 1).cpu()
     frames = []

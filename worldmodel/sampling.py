@@ -21,8 +21,10 @@ t = 1 down to 0 is
 It has the same marginals p_t as the ODE dx = v dt for any c >= 0 (c = 0 is the ODE). The last step
 is a plain Euler step (the noise-free prediction of x0).
 
-The loop makes no host syncs (no ``.item()``, no branches on tensor values), so it can be captured in
-a CUDA graph; the optional level check before the loop is the only sync (skip it with factorize=True).
+The loop makes no host syncs (no ``.item()``, no branches on tensor values) and no host-to-device copies, so it
+can be captured in a CUDA graph (worldmodel.fast_sampling); the optional level check before the loop is the only
+sync (skip it with factorize=True). What depends only on the text and positions (text stream, attention mask,
+RoPE: ``WorldModel.prepare_context``) is computed once per call, not once per step.
 """
 
 from __future__ import annotations
@@ -137,8 +139,14 @@ def sample(
         index = torch.where(gen, level_of, (seq.tau == 1).long() * 2)  # (B, N)
     zeros = torch.zeros(b, device=device, dtype=seq.tau.dtype)
 
+    context = None
+    if not use_cfg and hasattr(model, "prepare_context"):  # constant over the steps: computed once
+        autocast = torch.is_autocast_enabled(device.type)
+        context = model.prepare_context(seq, torch.get_autocast_dtype(device.type) if autocast else None)
+
     def forward(template: TokenSequence, xs: Tensor, tau: Tensor, levels: Tensor | None, idx: Tensor | None) -> Tensor:
-        return model(template.with_values(xs, tau, time_levels=levels, time_index=idx)).velocity
+        step_seq = template.with_values(xs, tau, time_levels=levels, time_index=idx)
+        return (model(step_seq) if context is None else model(step_seq, context=context)).velocity
 
     def velocity(xs: Tensor, t: Tensor) -> Tensor:  # (B, N, C)
         t_tok = shift_time(t, token_shift)  # (N,) each token's time on its modality's clock
@@ -160,7 +168,7 @@ def sample(
             v_u = forward(uncond, xs, tau_u, levels, index)
         return v_u + guidance * (v_c - v_u)
 
-    sched = shifted_schedule(steps, shift).to(device=device, dtype=seq.tau.dtype)  # (steps + 1,)
+    sched = shifted_schedule(steps, shift, device=device).to(dtype=seq.tau.dtype)  # (steps + 1,)
     for i in range(int(steps)):
         t, t_next = sched[i], sched[i + 1]
         v = velocity(x, t).to(dtype)

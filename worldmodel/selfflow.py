@@ -16,7 +16,6 @@ student = round(0.3 * depth) - 1, teacher = round(0.7 * depth) - 1.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from worldmodel.ema import EMA  # noqa: F401  (re-exported: older imports)
 from worldmodel.timesteps import TimestepDistribution, shift_time
 from worldmodel.tokens import CONDITIONING_MODALITIES, MODALITIES, TokenSequence, channel_mask, segment_slices
 
@@ -115,8 +115,14 @@ def _mask_ratios(layout, config: SelfFlowConfig, device) -> Tensor:
     return torch.cat([torch.full((count,), config.ratio(m), device=device) for m, count in layout])
 
 
-def dual_timestep(seq: TokenSequence, config: SelfFlowConfig, generator: torch.Generator | None = None) -> DualTimestep:
-    """Draw the Self-Flow per-token times for ``seq`` (see the module docstring)."""
+def dual_timestep(seq: TokenSequence, config: SelfFlowConfig, generator: torch.Generator | None = None,
+                  factorize: bool | None = None) -> DualTimestep:
+    """Draw the Self-Flow per-token times for ``seq`` (see the module docstring).
+
+    factorize: also return the level factorisation (valid when every token outside ``seq.loss_mask`` is clean
+    (tau 0) or absent (tau 1), as in every training sequence the tasks build); None checks the tokens (one host
+    sync), True trusts the caller (no sync), False returns per-token times only.
+    """
     b, device = seq.batch_size, seq.x.device
     t = config.timesteps.sample((b,), generator, device)  # (B,)
     s = config.timesteps.sample((b,), generator, device)  # (B,)
@@ -132,9 +138,9 @@ def dual_timestep(seq: TokenSequence, config: SelfFlowConfig, generator: torch.G
     tau_teacher = torch.where(loss, torch.minimum(t_tok, s_tok), seq.tau)  # (B, N)
 
     # Level factorisation; only valid if every non-loss token is clean (0) or absent (1).
-    # One host sync here (training only; the sampler loop does not call this).
-    other = seq.tau[~loss]
-    if bool(((other == 0) | (other == 1)).all()):
+    if factorize is None:  # one host sync; tasks pass factorize=True
+        factorize = bool(((seq.tau == 0) | (seq.tau == 1) | loss).all())
+    if factorize:
         zeros, ones = torch.zeros_like(t), torch.ones_like(t)
         extra = [v for m in shifted for v in (shift_time(t, config.modality_shift[m]),
                                               shift_time(s, config.modality_shift[m]))]
@@ -194,14 +200,19 @@ class SelfFlowObjective(nn.Module):
         teacher: nn.Module | None,
         seq: TokenSequence,
         generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        """(scalar loss, metrics) for a batch whose ``seq.x`` holds CLEAN values."""
+        factorize: bool | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(scalar loss, metrics) for a batch whose ``seq.x`` holds CLEAN values.
+
+        Metrics are detached 0-dim device tensors (no host sync); ``flow/<m>`` is NaN (= not reported) where
+        modality m has no loss tokens. factorize: see ``dual_timestep`` (True: no host sync at all).
+        """
         cfg = self.config
         if cfg.uses_teacher and teacher is None:
             raise ValueError("Self-Flow with gamma > 0 needs the EMA teacher; pass EMA(...).model as teacher")
         x0 = seq.x  # (B, N, C)
         cmask = channel_mask(seq.layout, student.token_dim, x0.shape[-1], device=x0.device)  # (N, C)
-        dual = dual_timestep(seq, cfg, generator)
+        dual = dual_timestep(seq, cfg, generator, factorize)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * cmask  # (B, N, C)
 
         student_seq = seq.with_values(
@@ -236,61 +247,12 @@ class SelfFlowObjective(nn.Module):
             rep = -(cos * lm).sum() / lm.sum().clamp_min(1.0)
 
         loss = flow + cfg.gamma * rep if cfg.uses_teacher else flow
-        per_mod = [(mod_sq[m] / mod_n[m].clamp_min(1.0)).detach() for m in mod_sq]
-        values = torch.stack([loss.detach(), flow.detach(), rep.detach(), *per_mod, *mod_n.values()]).tolist()
-        metrics = dict(zip(("loss", "flow", "rep"), values[:3]))  # one host sync for all metrics
-        k = len(per_mod)
-        for modality, value, count in zip(mod_sq, values[3: 3 + k], values[3 + k:]):
-            if count > 0:  # flow/<m> only where m has loss tokens: no zeros from conditioning-only modalities
-                metrics[f"flow/{modality}"] = value
+        metrics = {"loss": loss.detach(), "flow": flow.detach(), "rep": rep.detach()}
+        for modality in mod_sq:  # NaN where m has no loss tokens: no zeros from conditioning-only modalities
+            count = mod_n[modality]
+            mean = (mod_sq[modality] / count.clamp_min(1.0)).detach()
+            metrics[f"flow/{modality}"] = torch.where(count > 0, mean, torch.full_like(mean, float("nan")))
         return loss, metrics
-
-
-class EMA:
-    """Exponential moving average of a model: the Self-Flow teacher.
-
-    ``update`` after each optimiser step: theta_T <- d theta_T + (1 - d) theta_S, with
-    d = min(decay, (1 + n) / (10 + n)) when ``warmup`` (n = updates so far), else d = decay.
-    Buffers are copied. ``.model`` is a frozen eval-mode copy.
-    """
-
-    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
-        self.decay, self.warmup, self.step = float(decay), bool(warmup), 0
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def current_decay(self) -> float:
-        if self.warmup:
-            return min(self.decay, (1.0 + self.step) / (10.0 + self.step))
-        return self.decay
-
-    @torch.no_grad()
-    def update(self, student: nn.Module) -> None:
-        d = self.current_decay()
-        ema_params = dict(self.model.named_parameters())
-        src_params = dict(student.named_parameters())
-        if ema_params.keys() != src_params.keys():
-            raise ValueError("EMA.update: student parameters differ from the teacher's; build EMA from this model")
-        names = list(ema_params)
-        torch._foreach_lerp_([ema_params[n] for n in names], [src_params[n].detach() for n in names], 1.0 - d)
-        src_buffers = dict(student.named_buffers())
-        for name, buf in self.model.named_buffers():
-            buf.copy_(src_buffers[name])
-        self.step += 1
-
-    def state_dict(self) -> dict:
-        """{"step", "decay", "warmup", "model": teacher state dict} (tensors only under "model")."""
-        return {"step": self.step, "decay": self.decay, "warmup": self.warmup, "model": self.model.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        missing = {"step", "model"} - set(state)
-        if missing:
-            raise ValueError(f"EMA state is missing {sorted(missing)}; pass the dict from EMA.state_dict()")
-        self.model.load_state_dict(state["model"], strict=True)
-        self.step = int(state["step"])
-        self.decay = float(state.get("decay", self.decay))
-        self.warmup = bool(state.get("warmup", self.warmup))
 
 
 __all__ = [

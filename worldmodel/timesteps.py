@@ -74,11 +74,12 @@ class TimestepDistribution:
         return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
 
 
-def shifted_schedule(steps: int, shift: float = 1.0) -> Tensor:
-    """(steps + 1,) float32 times from 1 down to 0 for a sampler, uniform then shifted by ``shift``."""
+def shifted_schedule(steps: int, shift: float = 1.0, device=None) -> Tensor:
+    """(steps + 1,) float32 times from 1 down to 0 for a sampler, uniform then shifted by ``shift``, made on
+    ``device`` (no host-to-device copy, so it can be built inside a CUDA graph capture)."""
     if int(steps) < 1:
         raise ValueError(f"a sampler needs at least 1 step, got steps={steps}")
     if not shift > 0:
         raise ValueError(f"schedule shift must be > 0, got {shift}; use 1.0 for no shift")
-    t = torch.linspace(1.0, 0.0, int(steps) + 1, dtype=torch.float64)
+    t = torch.linspace(1.0, 0.0, int(steps) + 1, dtype=torch.float64, device=device)
     return shift_time(t, float(shift)).to(torch.float32)

@@ -1,0 +1,83 @@
+"""The inference chunk sampler: the eager path is exactly ``sampling.sample``; the text/position context is
+computed once per chunk; bf16 weights (the CUDA fast path) agree with fp32; CPU never compiles or captures."""
+
+import copy
+
+import torch
+
+from worldmodel.action_modes import WindowLayout, build_sequence
+from worldmodel.codecs import build_frame_codec
+from worldmodel.fast_sampling import ChunkSampler
+from worldmodel.sampling import sample
+from worldmodel.sizes import build_model
+
+torch.set_num_threads(1)
+SHIFT = {"action": 7.4}
+
+
+def _policy_seq(batch=2):
+    codec = build_frame_codec("patch", patch=8)
+    geometry = WindowLayout(2, 0, 1, 4)
+    g = torch.Generator().manual_seed(0)
+    context = torch.rand(batch, 2, 3, 16, 16, generator=g) * 2 - 1
+    h = geometry.horizon
+    text = torch.randn(batch, 5, 256, generator=g)
+    seq = build_sequence("policy", codec, context, None, torch.zeros(batch, h, 7), torch.zeros(batch, h),
+                         torch.ones(batch, h, dtype=torch.bool), geometry, text=text,
+                         text_mask=torch.ones(batch, 5, dtype=torch.bool))
+    return codec, seq
+
+
+def _model(codec):
+    torch.manual_seed(0)
+    return build_model("tiny", token_dim={"video": codec.token_dim}).eval()
+
+
+def test_eager_chunk_sampler_is_exactly_sample_with_the_context_prepared_once():
+    codec, seq = _policy_seq()
+    model = _model(codec)
+    sampler = ChunkSampler(model, steps=5, modality_shift=SHIFT, compile=True)  # CPU: eager fp32 regardless
+    assert not sampler.fast and not sampler.graph and next(model.parameters()).dtype == torch.float32
+    calls = {"prepare": 0, "forward": 0}
+    prepare, forward = model.prepare_context, model.forward
+
+    def counting_prepare(*a, **k):
+        calls["prepare"] += 1
+        return prepare(*a, **k)
+
+    def counting_forward(*a, **k):
+        calls["forward"] += 1
+        assert k.get("context") is not None  # every step reuses the chunk's context
+        return forward(*a, **k)
+
+    model.prepare_context, model.forward = counting_prepare, counting_forward
+    got = sampler(seq, torch.Generator().manual_seed(4))
+    assert calls == {"prepare": 1, "forward": 5}
+    model.prepare_context, model.forward = prepare, forward
+    ref = sample(model, seq, steps=5, generator=torch.Generator().manual_seed(4), modality_shift=SHIFT)
+    assert torch.equal(got.x, ref.x) and torch.equal(got.tau, ref.tau)
+
+
+def test_bf16_weights_agree_with_fp32():
+    codec, seq = _policy_seq()
+    model = _model(codec)
+    fp32 = ChunkSampler(model, steps=4, modality_shift=SHIFT)(seq, torch.Generator().manual_seed(1))
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    bf16 = ChunkSampler(half, steps=4, modality_shift=SHIFT)(seq, torch.Generator().manual_seed(1))
+    assert bf16.x.dtype == torch.float32  # results come back in the sequence's dtype
+    acts = slice(-4, None)
+    torch.testing.assert_close(bf16.x[:, acts], fp32.x[:, acts], atol=0.1, rtol=0.05)
+
+
+def test_policy_compile_option_keeps_cpu_eager_fp32(tmp_path):
+    import numpy as np
+
+    from policies import SelfFlowPolicy
+    from tests.test_policy import INSTR, _image, _make_policy
+
+    ckpt = _make_policy(sampling_steps=2).save_pretrained(tmp_path / "ckpt")
+    plain = SelfFlowPolicy.from_pretrained(ckpt, device="cpu", sampling_steps=2)
+    fast = SelfFlowPolicy.from_pretrained(ckpt, device="cpu", sampling_steps=2, compile=True)
+    assert not fast._chunk_sampler.fast and next(fast.model.parameters()).dtype == torch.float32
+    obs = {"image": _image(), "instruction": INSTR, "seed": 3}
+    np.testing.assert_array_equal(plain.predict_action_chunk(obs)["actions"], fast.predict_action_chunk(obs)["actions"])
