@@ -165,7 +165,8 @@ def _enable_semfd_layer(auto_setup: bool) -> str:
     """Point the Vulkan loader at VK_LAYER_fake_semfd (built by the setup script); returns its manifest path.
 
     Respects a layer the user enabled already (e.g. `source DEST/env.sh`). SAPIEN 2 links the system's
-    libvulkan.so.1; where the system has none, the copy the setup script unpacked is preloaded."""
+    libvulkan.so.1; where the system has none, the copy the setup script unpacked is preloaded (privately: its
+    soname then satisfies SAPIEN's link without entering the global symbol scope)."""
     enabled = os.environ.get("VK_INSTANCE_LAYERS", "").split(os.pathsep)
     for d in os.environ.get("VK_LAYER_PATH", "").split(os.pathsep):
         manifest = Path(d) / "VkLayer_fake_semfd.json" if d else None
@@ -186,8 +187,9 @@ def _enable_semfd_layer(auto_setup: bool) -> str:
     os.environ["VK_INSTANCE_LAYERS"] = os.pathsep.join([LAYER_NAME] + [name for name in enabled if name])
     if ctypes.util.find_library("vulkan") is None:
         loaders = glob.glob(str(dest / "mesa" / "usr" / "lib" / "*" / "libvulkan.so.1"))
-        if loaders:
-            _KEEP.append(ctypes.CDLL(loaders[0], mode=ctypes.RTLD_GLOBAL))
+        if loaders:  # RTLD_LOCAL: a global loader would interpose the layer's own vkGetInstanceProcAddr, and
+            # vkCreateInstance would then recurse into the loader and deadlock (tests/test_cpu_render_sapien2.py)
+            _KEEP.append(ctypes.CDLL(loaders[0], mode=ctypes.RTLD_LOCAL))
     return str(manifest)
 
 

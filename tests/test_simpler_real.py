@@ -1,17 +1,25 @@
 """Short episodes in the real SimplerEnv (skipped where `simpler_env` does not import).
 
-Run it in SimplerEnv's own environment (numpy<2, sapien 2.2.2); without a GPU, set VK_ICD_FILENAMES
-to a software Vulkan driver first (see envs/simpler_backend.py).
+Run it in SimplerEnv's own environment (numpy<2, sapien 2.2.2). Rendering is set up as the evaluator does it
+(`prepare_rendering`, before SAPIEN is imported): without a GPU, Mesa lavapipe and the SAPIEN 2 layer from
+~/.cache/worldmodel/cpu-render, whose libvulkan.so.1 also serves machines that have none.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+if importlib.util.find_spec("simpler_env") is None:
+    pytest.skip("SimplerEnv is not installed in this Python", allow_module_level=True)
+
+from envs.simpler_backend import prepare_rendering  # noqa: E402
+
+prepare_rendering()  # SAPIEN 2 links libvulkan.so.1 when imported: pick the driver (and loader) first
 pytest.importorskip("simpler_env")
 
 from envs.evaluator import EvalConfig, run_episode  # noqa: E402
