@@ -30,19 +30,19 @@ then start this toolkit's policy server with your checkpoint from the toolkit's 
 and run the evaluator from SimplerEnv's environment against it:
     python scripts/eval_simpler.py --task move_near --policy-server localhost:8000
 No GPU? SAPIEN 2.2.2 renders on the CPU with Mesa >= 23's software Vulkan driver (lavapipe) plus a small
-Vulkan layer (envs/vk_layer_fake_semfd.c) that hides lavapipe's missing VK_KHR_external_semaphore_fd:
-    bash envs/setup_cpu_render.sh        # once: unpacks lavapipe, compiles the layer (no root)
+Vulkan layer (tools/cpu_render/vk_layer_fake_semfd.c) that hides lavapipe's missing VK_KHR_external_semaphore_fd:
+    make render        # once (= python -m envs.cpu_render setup): unpacks lavapipe, compiles the layer (no root)
 The backend then enables both by itself when the machine has no GPU Vulkan driver (or `source <cache>/env.sh`),
 and with cpu_render=auto (the default) the drawer tasks use the raster "ibl" shader instead of ray tracing
 (minutes per step on a CPU); the results' meta records that those images are not the official ray-traced ones."""
 
 RENDER_HELP = ("SAPIEN could not render ({err}). Check the Vulkan setup: VK_ICD_FILENAMES must point at a working "
                "ICD json (an NVIDIA driver's nvidia_icd.json on a GPU machine, or Mesa lavapipe's lvp_icd.*.json "
-               "for CPU rendering, see `bash envs/setup_cpu_render.sh`), the ICD's library must load (`vulkaninfo "
+               "for CPU rendering, see `make render`), the ICD's library must load (`vulkaninfo "
                "--summary`), and on CPU the drawer tasks need cpu_render=auto|true (raster 'ibl', not ray tracing).")
 SEMFD_HELP = (" 'ErrorExtensionNotPresent' on Mesa lavapipe means SAPIEN 2.2.2 asked for VK_KHR_external_semaphore_fd, "
-              "which lavapipe lacks: the layer VK_LAYER_fake_semfd must be active (run `bash "
-              "envs/setup_cpu_render.sh`, then `source <its folder>/env.sh`, or let the backend enable it: it must "
+              "which lavapipe lacks: the layer VK_LAYER_fake_semfd must be active (run `make "
+              "render`, then `source <its folder>/env.sh`, or let the backend enable it: it must "
               "happen before the first SAPIEN renderer of the process).")
 RT_NOTE = ("raster 'ibl' shader for the ray-traced (drawer) tasks: their images are not the official ray-traced ones, "
            "so drawer success rates are not comparable to published numbers")
@@ -107,7 +107,7 @@ def parse_cpu_render(value: Any) -> bool | str:
 def prepare_rendering():
     """Pick SAPIEN 2's Vulkan driver for this process before its first renderer (see envs/cpu_render.py).
 
-    No GPU Vulkan driver: Mesa lavapipe from `bash envs/setup_cpu_render.sh` (run automatically when missing)
+    No GPU Vulkan driver: Mesa lavapipe from `make render` (RenderUnavailable naming it when missing)
     plus the VK_LAYER_fake_semfd layer SAPIEN 2.2 needs there. Returns the `RenderSetup`. Call it before
     `import sapien`: SAPIEN 2's import sets VK_ICD_FILENAMES to every json in /usr/share/vulkan/icd.d when
     unset; that value (recognised exactly) is dropped here so it does not pass for the user's choice."""

@@ -93,11 +93,11 @@ def test_build_rlds_from_shards(tmp_path):
 def test_collect_demos_script_writes_a_readable_dataset(tmp_path):
     """Two real scripted episodes (push_cube) through the command line, then a restart that has nothing to do."""
     pytest.importorskip("mani_skill", reason="mani_skill not installed")
-    from envs.cpu_render import ensure_cpu_rendering
+    from envs.cpu_render import RenderUnavailable, ensure_cpu_rendering
 
     try:
-        ensure_cpu_rendering(auto_setup=False)
-    except FileNotFoundError as e:
+        ensure_cpu_rendering()
+    except RenderUnavailable as e:
         pytest.skip(f"no Vulkan device: {e}")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     import collect_demos

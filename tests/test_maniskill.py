@@ -104,11 +104,11 @@ def test_bridge_missing_or_empty_assets_name_the_download(tmp_path, monkeypatch)
 
 def _renderer_or_skip():
     pytest.importorskip("mani_skill", reason="mani_skill not installed")
-    from envs.cpu_render import ensure_cpu_rendering
+    from envs.cpu_render import RenderUnavailable, ensure_cpu_rendering
 
     try:
-        return ensure_cpu_rendering(auto_setup=False)
-    except FileNotFoundError as e:
+        return ensure_cpu_rendering()
+    except RenderUnavailable as e:
         pytest.skip(f"no Vulkan device: {e}")
 
 
