@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from worldmodel import distributed as wdist
 from worldmodel.checkpoint import TrainState, load_checkpoint, load_state_strict, save_checkpoint
-from worldmodel.metrics_log import MetricMeans, MetricsLogger, plot_loss_curves
+from worldmodel.loss_plot import plot_loss_curves
+from worldmodel.metrics_log import MetricMeans, MetricsLogger
 
 log = logging.getLogger(__name__)
 HISTORY_KEEP = 10_000  # per-step records kept in Trainer.history
