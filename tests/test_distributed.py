@@ -7,8 +7,8 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from toy_training import Interrupt, ToyTask, _stop_at, make_trainer
 
-from tests.test_trainer import Interrupt, ToyTask, _stop_at, make_trainer
 from worldmodel.distributed import DistInfo, average_gradients, init_distributed
 
 torch.set_num_threads(1)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import simpler_double  # tests/simpler_double.py: the SimplerEnv test double
 
-sys.path.insert(0, str(Path(__file__).parent))
-import simpler_double  # noqa: E402
-
-from envs.evaluator import EvalConfig, EvaluationFailed, evaluate  # noqa: E402
-from policies.conventions import to_simpler_action  # noqa: E402
+from envs.evaluator import EvalConfig, EvaluationFailed, evaluate
+from policies.conventions import to_simpler_action
 
 BACKEND = f"{simpler_double.__name__}:DoubleBackend"
 
@@ -145,9 +142,8 @@ def test_parallel_workers_match_in_process(tmp_path):
     assert [(r.index, r.success, r.steps) for r in par.records] == key
 
 
-def test_entry_script_flags_overrides_and_default_checkpoint(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import eval_simpler
+def test_entry_script_flags_overrides_and_default_checkpoint(tmp_path, load_script):
+    eval_simpler = load_script("eval_simpler")
 
     cfg = eval_simpler.parse(["--task", "pick_coke_can", "--no-video", "--episodes", "3", "workers=2",
                               "protocol=variant_aggregation", "--policy-server", "gpu1:9000"])

@@ -114,10 +114,12 @@ def test_audio_folder_resample_and_corrupt(tmp_path):
     assert len(short) == 1 and short[0]["audio"].shape == (16000,) and short[0]["audio"][9000:].abs().max() == 0
 
 
+@pytest.mark.needs_tf
 def test_tfds_images_from_directory(tmp_path):
     import io
 
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
+
     from worldmodel.data import TFDSImages
 
     class TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from gaussian_mixture import MEANS, STD, WEIGHTS, _mixture_stats
 from torch import nn
 
-from tests.test_sampling import MEANS, STD, WEIGHTS, _mixture_stats
 from worldmodel.sampling import sample
 from worldmodel.selfflow import EMA, SelfFlowConfig, SelfFlowObjective, dual_timestep, noised
 from worldmodel.sizes import build_model

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("simpler_env")
+from envs.evaluator import EvalConfig, run_episode
+from envs.simpler_backend import SimplerBackend
+from envs.tasks import MAX_STEPS, simpler_episodes
 
-from envs.evaluator import EvalConfig, run_episode  # noqa: E402
-from envs.simpler_backend import SimplerBackend  # noqa: E402
-from envs.tasks import MAX_STEPS, simpler_episodes  # noqa: E402
+pytestmark = [pytest.mark.needs_sim("simpler_env"), pytest.mark.slow]
 
 
 class ZeroPolicy:
