@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from envs.backend import EpisodeSpec, Observation, StepResult
+from envs.backend import EpisodeSpec, Observation, StepResult, jsonable_info
 
 INSTALL_HELP = """SimplerEnv is not importable in this Python ({err}).
 It is not on the package index; install it in its OWN environment (it pins numpy<2 and sapien 2.2.2,
@@ -204,7 +204,7 @@ class SimplerSession:
         obs, _reward, done, truncated, info = self.env.step(vec)
         # SimplerEnv's evaluator reads success as the env's `done` (= info["success"]) at the last step.
         success = bool(done) or bool(info.get("success", False))
-        return StepResult(self._image(obs), bool(done), bool(truncated), success, _jsonable(info),
+        return StepResult(self._image(obs), bool(done), bool(truncated), success, jsonable_info(info),
                           instruction=self._raw.get_language_instruction(), state=simpler_state(self._raw, obs))
 
     def advance_subtask(self) -> str:
@@ -217,17 +217,6 @@ class SimplerSession:
 
     def close(self) -> None:
         self.env.close()
-
-
-def _jsonable(info: dict) -> dict:
-    """Keep scalar/bool/str info entries (episode_stats included) so records stay JSON-serialisable."""
-    out = {}
-    for k, v in info.items():
-        if isinstance(v, dict):
-            out[k] = _jsonable(v)
-        elif isinstance(v, (bool, int, float, str, np.bool_, np.integer, np.floating)):
-            out[k] = v.item() if isinstance(v, np.generic) else v
-    return out
 
 
 class SimplerBackend:

@@ -19,8 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from policies.stepper import ChunkedPolicy, check_state, context_indices
-
-KIND = "worldmodel.finetune_rt1"
+from worldmodel.builders import FINETUNE_KIND as KIND
 
 
 def preprocess_frames(frames: np.ndarray, height: int, width: int, device) -> torch.Tensor:

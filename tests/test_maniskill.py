@@ -51,8 +51,8 @@ def test_round_trip_env_rt1_env():
 
 @pytest.mark.needs_sim
 def test_euler_xyz_matches_maniskill():
-    import mani_skill.utils.geometry.rotation_conversions as rc
     import torch
+    from mani_skill.utils.geometry import rotation_conversions as rc  # (the dotted import is circular in 3.0.1)
 
     e = np.array([0.3, -0.7, 1.1])
     theirs = rc.euler_angles_to_matrix(torch.tensor(e), "XYZ").numpy()
