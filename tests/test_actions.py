@@ -80,6 +80,7 @@ def test_json_round_trip_and_strict_load():
         ActionNormalizer.from_dict(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.needs_tf
 def test_stats_from_written_dataset(tmp_path, monkeypatch):
     from worldmodel.data.rt1_reader import split_episodes

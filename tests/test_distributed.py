@@ -11,6 +11,7 @@ from toy_training import Interrupt, ToyTask, _stop_at, make_trainer
 
 from worldmodel.distributed import DistInfo, average_gradients, init_distributed
 
+pytestmark = pytest.mark.slow  # two gloo processes per test
 torch.set_num_threads(1)
 STEPS = 4
 

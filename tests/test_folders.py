@@ -74,6 +74,7 @@ def test_missing_and_empty_folders(tmp_path, cls):
         cls(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*skipping unreadable")
 def test_video_folder_clips_and_corrupt(tmp_path):
     import imageio.v3 as iio
