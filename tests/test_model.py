@@ -156,7 +156,7 @@ def test_parameter_counts_on_meta_device():
     assert base.num_blocks == 21 and d == 1152
     small_count = sum(p.numel() for p in small.parameters())
     assert 80e6 <= small_count <= 130e6, small_count
-    # the modulation linears are a large share, as DESIGN.md "Performance" says (27% there)
+    # the modulation linears are a large share, as docs/ARCHITECTURE.md "Performance notes" says (27%)
     mod = sum(p.numel() for n, p in base.named_parameters() if ".mod." in n)
     assert 0.2 < mod / count < 0.35
 
