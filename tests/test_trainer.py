@@ -115,17 +115,11 @@ def test_tiny_worldmodel_selfflow_train_save_resume(tmp_path):
     from worldmodel import selfflow, sizes
     from worldmodel.tokens import TokenSequence
 
-    class TinyTask:
+    class TinyTask(ToyTask):  # ToyTask's modules() and ema_target(), the real backbone and objective
         def __init__(self):
             torch.manual_seed(0)
             self.model = sizes.build_model("tiny")
             self.objective = selfflow.SelfFlowObjective.for_model(self.model, selfflow.SelfFlowConfig())
-
-        def modules(self):
-            return {"model": self.model, "objective": self.objective}
-
-        def ema_target(self):
-            return "model"
 
         def batches(self, start_step, rank, world_size):
             step = start_step
