@@ -19,9 +19,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Mesa's software Vulkan (lavapipe) so SAPIEN / ManiSkill3 render without a GPU.
+# Mesa's software Vulkan (lavapipe) so SAPIEN / ManiSkill3 render without a GPU: the one command that
+# downloads (apt, no root) and compiles (the SAPIEN 2.2 layer); the library itself never does. Then a check
+# that a renderer starts. Cache: WORLDMODEL_CPU_RENDER_DIR or ~/.cache/worldmodel/cpu-render.
 render: install
-	bash envs/setup_cpu_render.sh
+	$(PY) -m envs.cpu_render setup
+	$(PY) -m envs.cpu_render check
 
 demo: install
 	$(PY) scripts/pretrain.py

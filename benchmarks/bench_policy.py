@@ -1,6 +1,7 @@
 """Latency of SelfFlowPolicy: one action chunk (predict_action_chunk) and one `step()`, batch 1.
 
-The policy layout of DESIGN.md: two clean context frames (32x40 patch-4 frames: 80 tokens each),
+The policy layout of the H100 reference (docs/GPU_REFERENCE.md): two clean context frames
+(32x40 patch-4 frames: 80 tokens each),
 H = 16 action tokens, 32 text tokens = 208 tokens, sampled with N Euler steps. Weights are RANDOM
 (latency does not depend on them); every JSON line says so. A chunk is timed end to end as a robot
 stack sees it: image resize + tokenization + N model forwards + unnormalization + copy to the host.

@@ -65,6 +65,25 @@ class Observation:
     state: np.ndarray | None = None  # (8,) proprioception in RT-1's layout (tool pose 7 + gripper closed 1), if known
 
 
+def jsonable_info(info: dict) -> dict:
+    """The JSON-serialisable part of a simulator's step info (what `StepResult.info` holds).
+
+    Nested dicts (SimplerEnv's episode_stats) recurse; tensors (ManiSkill3) and size-1 arrays become Python
+    scalars; bool / int / float / str entries are kept; anything else is dropped."""
+    out: dict = {}
+    for k, v in info.items():
+        if isinstance(v, dict):
+            out[k] = jsonable_info(v)
+            continue
+        if hasattr(v, "cpu"):
+            v = v.cpu().numpy()
+        if isinstance(v, np.ndarray) and v.size == 1:
+            v = v.reshape(()).item()
+        if isinstance(v, (bool, int, float, str, np.bool_, np.integer, np.floating)):
+            out[k] = v.item() if isinstance(v, np.generic) else v
+    return out
+
+
 @dataclass
 class StepResult:
     """Outcome of one control step.

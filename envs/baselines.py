@@ -32,7 +32,6 @@ BASELINES: dict[str, dict[str, dict[str, float | None]]] = {
     "OpenVLA": _row((18.0, 60.8), (56.3, 67.7), (63.0, 28.8), (0.0, 0.0)),
     "CogACT": _row((91.3, 89.6), (85.0, 80.8), (71.8, 28.3), (50.9, 46.6)),
 }
-REAL_ROBOT_RT1 = {"pick_coke_can": 85.3, "move_near": 63.3, "place_apple_in_drawer": 18.5}  # percent
 
 
 def baseline(policy: str, task: str, protocol: str) -> float | None:

@@ -21,6 +21,7 @@ from envs.backend import (
     EpisodeSpec,
     Observation,
     StepResult,
+    jsonable_info,
     register_backend,
     register_task,
     register_task_prefix,
@@ -134,18 +135,6 @@ def robot_state(env) -> np.ndarray | None:
     return np.concatenate([pos, quat, [closed]]).astype(np.float32)
 
 
-def _jsonable(info: dict) -> dict:
-    out = {}
-    for k, v in info.items():
-        if hasattr(v, "cpu"):
-            v = v.cpu().numpy()
-        if isinstance(v, np.ndarray) and v.size == 1:
-            v = v.reshape(()).item()
-        if isinstance(v, (bool, int, float, str, np.bool_, np.integer, np.floating)):
-            out[k] = v.item() if isinstance(v, np.generic) else v
-    return out
-
-
 class ManiSkillSession:
     """One ManiSkill3 env serving one episode spec (see `envs.backend.EnvSession`)."""
 
@@ -177,7 +166,7 @@ class ManiSkillSession:
 
     def step(self, action: dict[str, np.ndarray]) -> StepResult:
         obs, _rew, terminated, truncated, info = self.env.step(self.env_action(action))
-        info = _jsonable(info)
+        info = jsonable_info(info)
         return StepResult(camera_image(obs, self.task.camera), bool(terminated), bool(truncated),
                           bool(info.get("success", False)), info, state=robot_state(self.env))
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from envs.backend import EpisodeSpec, Observation, StepResult
+from envs.backend import EpisodeSpec, Observation, StepResult, jsonable_info
 
 INSTALL_DIR = Path(__file__).resolve().parents[1] / "install"
 CONSTRAINTS = INSTALL_DIR / "simplerenv-constraints.txt"  # numpy==1.26.4, opencv-python<4.12, sapien==2.2.2, ...
@@ -34,19 +34,19 @@ then start this toolkit's policy server with your checkpoint from the toolkit's 
 and run the evaluator from SimplerEnv's environment against it:
     python scripts/eval_simpler.py --task move_near --policy-server localhost:8000
 No GPU? SAPIEN 2.2.2 renders on the CPU with Mesa >= 23's software Vulkan driver (lavapipe) plus a small
-Vulkan layer (envs/vk_layer_fake_semfd.c) that hides lavapipe's missing VK_KHR_external_semaphore_fd:
-    bash envs/setup_cpu_render.sh        # once: unpacks lavapipe, compiles the layer (no root)
+Vulkan layer (tools/cpu_render/vk_layer_fake_semfd.c) that hides lavapipe's missing VK_KHR_external_semaphore_fd:
+    make render        # once (= python -m envs.cpu_render setup): unpacks lavapipe, compiles the layer (no root)
 The backend then enables both by itself when the machine has no GPU Vulkan driver (or `source <cache>/env.sh`),
 and with cpu_render=auto (the default) the drawer tasks use the raster "ibl" shader instead of ray tracing
 (minutes per step on a CPU); the results' meta records that those images are not the official ray-traced ones."""
 
 RENDER_HELP = ("SAPIEN could not render ({err}). Check the Vulkan setup: VK_ICD_FILENAMES must point at a working "
                "ICD json (an NVIDIA driver's nvidia_icd.json on a GPU machine, or Mesa lavapipe's lvp_icd.*.json "
-               "for CPU rendering, see `bash envs/setup_cpu_render.sh`), the ICD's library must load (`vulkaninfo "
+               "for CPU rendering, see `make render`), the ICD's library must load (`vulkaninfo "
                "--summary`), and on CPU the drawer tasks need cpu_render=auto|true (raster 'ibl', not ray tracing).")
 SEMFD_HELP = (" 'ErrorExtensionNotPresent' on Mesa lavapipe means SAPIEN 2.2.2 asked for VK_KHR_external_semaphore_fd, "
-              "which lavapipe lacks: the layer VK_LAYER_fake_semfd must be active (run `bash "
-              "envs/setup_cpu_render.sh`, then `source <its folder>/env.sh`, or let the backend enable it: it must "
+              "which lavapipe lacks: the layer VK_LAYER_fake_semfd must be active (run `make "
+              "render`, then `source <its folder>/env.sh`, or let the backend enable it: it must "
               "happen before the first SAPIEN renderer of the process).")
 RT_NOTE = ("raster 'ibl' shader for the ray-traced (drawer) tasks: their images are not the official ray-traced ones, "
            "so drawer success rates are not comparable to published numbers")
@@ -112,7 +112,7 @@ def parse_cpu_render(value: Any) -> bool | str:
 def prepare_rendering():
     """Pick SAPIEN 2's Vulkan driver for this process before its first renderer (see envs/cpu_render.py).
 
-    No GPU Vulkan driver: Mesa lavapipe from `bash envs/setup_cpu_render.sh` (run automatically when missing)
+    No GPU Vulkan driver: Mesa lavapipe from `make render` (RenderUnavailable naming it when missing)
     plus the VK_LAYER_fake_semfd layer SAPIEN 2.2 needs there. Returns the `RenderSetup`. Call it before
     `import sapien`: SAPIEN 2's import sets VK_ICD_FILENAMES to every json in /usr/share/vulkan/icd.d when
     unset; that value (recognised exactly) is dropped here so it does not pass for the user's choice."""
@@ -209,7 +209,7 @@ class SimplerSession:
         obs, _reward, done, truncated, info = self.env.step(vec)
         # SimplerEnv's evaluator reads success as the env's `done` (= info["success"]) at the last step.
         success = bool(done) or bool(info.get("success", False))
-        return StepResult(self._image(obs), bool(done), bool(truncated), success, _jsonable(info),
+        return StepResult(self._image(obs), bool(done), bool(truncated), success, jsonable_info(info),
                           instruction=self._raw.get_language_instruction(), state=simpler_state(self._raw, obs))
 
     def advance_subtask(self) -> str:
@@ -222,17 +222,6 @@ class SimplerSession:
 
     def close(self) -> None:
         self.env.close()
-
-
-def _jsonable(info: dict) -> dict:
-    """Keep scalar/bool/str info entries (episode_stats included) so records stay JSON-serialisable."""
-    out = {}
-    for k, v in info.items():
-        if isinstance(v, dict):
-            out[k] = _jsonable(v)
-        elif isinstance(v, (bool, int, float, str, np.bool_, np.integer, np.floating)):
-            out[k] = v.item() if isinstance(v, np.generic) else v
-    return out
 
 
 class SimplerBackend:

@@ -23,8 +23,7 @@ from policies.lerobot import EXPECTED as LEROBOT_KEYS
 from policies.lerobot import is_lerobot_batch, rows_from_lerobot
 from policies.stepper import ChunkedPolicy, context_indices
 from policies.validation import DEFAULT_LIMITS, Limits, check_image, validate_observation
-
-KIND = "worldmodel.finetune_rt1"
+from worldmodel.builders import FINETUNE_KIND as KIND
 
 
 def preprocess_frames(frames: np.ndarray, height: int, width: int, device, limits: Limits = DEFAULT_LIMITS

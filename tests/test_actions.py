@@ -80,8 +80,9 @@ def test_json_round_trip_and_strict_load():
         ActionNormalizer.from_dict(bad)
 
 
+@pytest.mark.slow
+@pytest.mark.needs_tf
 def test_stats_from_written_dataset(tmp_path, monkeypatch):
-    pytest.importorskip("tensorflow_datasets")
     from worldmodel.data.rt1_reader import split_episodes
     from worldmodel.data.rt1_synthetic import make_synthetic_episodes
     from worldmodel.data.rt1_writer import write_rt1_dataset

@@ -131,6 +131,7 @@ def _records(n: int, wins: set[int], video_dir: Path | None = None) -> list[Epis
     return recs
 
 
+@pytest.mark.slow
 def test_pipeline_assembles_results_and_updates_them_per_stage(tmp_path, monkeypatch):
     out = tmp_path / "run"
     seen = []

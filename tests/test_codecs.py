@@ -71,6 +71,7 @@ def train(model, batches, steps, lr=3e-3):
     return losses
 
 
+@pytest.mark.slow
 def test_conv_autoencoder_learns_saves_and_codes(tmp_path):
     torch.manual_seed(0)
     data = ProceduralImages(size=16, length=64)
@@ -106,6 +107,7 @@ def test_conv_autoencoder_learns_saves_and_codes(tmp_path):
         AudioAutoencoder.load(tmp_path / "ae")
 
 
+@pytest.mark.slow
 def test_audio_autoencoder_learns_and_codes(tmp_path):
     torch.manual_seed(0)
     data = ProceduralAudio(sample_rate=8000, seconds=0.128, length=64)
@@ -132,6 +134,7 @@ def test_build_codec_errors():
         build_frame_codec("conv_ae")
 
 
+@pytest.mark.slow
 def test_diffusers_vae_from_local_folder(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     from worldmodel.codecs import DiffusersVAE

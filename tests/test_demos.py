@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +54,8 @@ def test_fit_frames_resizes_and_pads():
 
 
 def _read_back(version_dir: Path):
-    tfds = pytest.importorskip("tensorflow_datasets")
     import tensorflow as tf
+    import tensorflow_datasets as tfds
 
     tf.config.set_visible_devices([], "GPU")
     from worldmodel.data.rt1_schema import check_rt1_schema
@@ -66,6 +65,7 @@ def _read_back(version_dir: Path):
     return [ep for ep in tfds.as_numpy(builder.as_dataset(split="train"))]
 
 
+@pytest.mark.needs_tf
 def test_build_rlds_from_shards(tmp_path):
     d = tmp_path / "shards"
     for s in (0, 1):
@@ -89,18 +89,13 @@ def test_build_rlds_from_shards(tmp_path):
     assert windows[0]["context"].shape == (2, 3, 32, 40)
 
 
+@pytest.mark.slow
+@pytest.mark.needs_tf
+@pytest.mark.needs_sim
 @pytest.mark.timeout(150)
-def test_collect_demos_script_writes_a_readable_dataset(tmp_path):
+def test_collect_demos_script_writes_a_readable_dataset(tmp_path, renderer, load_script):
     """Two real scripted episodes (push_cube) through the command line, then a restart that has nothing to do."""
-    pytest.importorskip("mani_skill", reason="mani_skill not installed")
-    from envs.cpu_render import ensure_cpu_rendering
-
-    try:
-        ensure_cpu_rendering(auto_setup=False)
-    except FileNotFoundError as e:
-        pytest.skip(f"no Vulkan device: {e}")
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    import collect_demos
+    collect_demos = load_script("collect_demos")
 
     out = tmp_path / "demos"
     args = ["--task", TASK, "--episodes", "2", "--workers", "1", "--out", str(out), "--no-progress"]

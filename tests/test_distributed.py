@@ -7,10 +7,11 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from toy_training import Interrupt, ToyTask, _stop_at, make_trainer
 
-from tests.test_trainer import Interrupt, ToyTask, _stop_at, make_trainer
 from worldmodel.distributed import DistInfo, average_gradients, init_distributed
 
+pytestmark = pytest.mark.slow  # two gloo processes per test
 torch.set_num_threads(1)
 STEPS = 4
 

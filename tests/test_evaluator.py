@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import simpler_double  # tests/simpler_double.py: the SimplerEnv test double
+from simpler_double import ScriptedPolicy
 
-sys.path.insert(0, str(Path(__file__).parent))
-import simpler_double  # noqa: E402
-from simpler_double import ScriptedPolicy  # noqa: E402
-
-from envs.evaluator import EvalConfig, EvaluationFailed, evaluate  # noqa: E402
+from envs.evaluator import EvalConfig, EvaluationFailed, evaluate
 
 BACKEND = f"{simpler_double.__name__}:DoubleBackend"
 
@@ -106,9 +103,8 @@ def test_parallel_workers_match_in_process(tmp_path):
     assert [(r.index, r.success, r.steps) for r in par.records] == key
 
 
-def test_entry_script_flags_overrides_and_default_checkpoint(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import eval_simpler
+def test_entry_script_flags_overrides_and_default_checkpoint(tmp_path, load_script):
+    eval_simpler = load_script("eval_simpler")
 
     cfg = eval_simpler.parse(["--task", "pick_coke_can", "--no-video", "--episodes", "3", "workers=2",
                               "protocol=variant_aggregation", "--policy-server", "gpu1:9000"])
@@ -176,9 +172,8 @@ def test_ignore_terminate_runs_to_the_step_limit(tmp_path):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["meta"]["ignore_terminate"] is True
 
 
-def test_entry_script_is_one_hydra_config_path_with_flag_aliases(tmp_path, capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import eval_simpler
+def test_entry_script_is_one_hydra_config_path_with_flag_aliases(tmp_path, capsys, load_script):
+    eval_simpler = load_script("eval_simpler")
 
     argv = ["--task", "maniskill/poke", "--env-id", "PokeCube-v1", "--instruction", "poke the cube, gently",
             "--max-steps=70", "--rotation", "rpy", "--ignore-terminate", "--no-resume", "workers=2"]

@@ -75,6 +75,7 @@ def test_missing_and_empty_folders(tmp_path, cls):
         cls(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*skipping unreadable")
 def test_video_folder_clips_and_corrupt(tmp_path):
     import imageio.v3 as iio
@@ -119,7 +120,7 @@ def _tiny_tfds(tmp_path):
     """A prepared 5-image TFDS dataset (the last image is not a PNG)."""
     import io
 
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
 
     class TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         VERSION = tfds.core.Version("1.0.0")
@@ -146,6 +147,7 @@ def _tiny_tfds(tmp_path):
     return builder
 
 
+@pytest.mark.needs_tf
 def test_tfds_images_from_directory(tmp_path):
     from worldmodel.data import TFDSImages
 
@@ -171,6 +173,7 @@ def test_tfds_images_from_directory(tmp_path):
         TFDSImages(tmp_path / "missing")
 
 
+@pytest.mark.needs_tf
 def test_tfds_images_skip_exactly_a_corrupt_record(tmp_path):
     import struct
 

@@ -1,8 +1,8 @@
 """The unconditional text: dropped and blank captions train the backbone's null token that CFG samples with."""
 
 import torch
+from toy_training import _pretrain_task
 
-from tests.test_trainer import _pretrain_task
 from worldmodel.pretrain import collate_media
 from worldmodel.selfflow import EMA
 from worldmodel.sizes import build_model

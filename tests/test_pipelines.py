@@ -65,6 +65,8 @@ def test_pretraining_resumes_to_the_same_losses(pretrained, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.needs_tf
 def test_finetuning_starts_from_pretraining_and_yields_a_policy(pretrained, tmp_path, monkeypatch):
     from policies import SelfFlowPolicy
     from worldmodel.checkpoint import load_checkpoint

@@ -107,6 +107,7 @@ def fake_pretrain_checkpoint(path: Path, seed: int) -> Path:
                            {"kind": PRETRAIN_KIND, "model": model.config, "run": run})
 
 
+@pytest.mark.slow
 def test_probe_checkpoint_and_report(tmp_path):
     fake_pretrain_checkpoint(tmp_path / "a", 0)
     fake_pretrain_checkpoint(tmp_path / "b", 1)
@@ -125,6 +126,7 @@ def test_probe_checkpoint_and_report(tmp_path):
         probe_checkpoint(tmp_path / "missing")
 
 
+@pytest.mark.slow
 def test_script_writes_report(tmp_path):
     ckpt = fake_pretrain_checkpoint(tmp_path / "run", 0)
     out = tmp_path / "out"

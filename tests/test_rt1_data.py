@@ -8,19 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("tensorflow_datasets")
-
-from worldmodel.data.rt1_reader import RT1Windows, collate_rt1, shard_plan, split_episodes  # noqa: E402
-from worldmodel.data.rt1_schema import check_rt1_schema, flatten_features, rt1_features  # noqa: E402
-from worldmodel.data.rt1_synthetic import (  # noqa: E402
+from worldmodel.data.rt1_reader import RT1Windows, collate_rt1, shard_plan, split_episodes
+from worldmodel.data.rt1_schema import check_rt1_schema, flatten_features, rt1_features
+from worldmodel.data.rt1_synthetic import (
     COLORS,
     SPEED_PX,
     ensure_embedded_sample,
     make_synthetic_episodes,
     world_delta_to_pixels,
 )
-from worldmodel.data.rt1_writer import encode_jpeg, write_rt1_dataset  # noqa: E402
+from worldmodel.data.rt1_writer import encode_jpeg, write_rt1_dataset
 
+pytestmark = pytest.mark.needs_tf  # RLDS reading and writing (TensorFlow, tensorflow_datasets)
 N_EPISODES = 6
 
 

@@ -8,14 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from gaussian_mixture import MEANS, STD, WEIGHTS, _mixture_stats
 from torch import nn
 
 from worldmodel.sampling import sample
 from worldmodel.tokens import TokenSequence
-
-MEANS = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]])
-WEIGHTS = torch.tensor([0.5, 0.3, 0.2])
-STD = 0.3
 
 
 def gmm_velocity(x: torch.Tensor, t: torch.Tensor, means=MEANS, weights=WEIGHTS, std=STD) -> torch.Tensor:
@@ -66,14 +63,6 @@ def _action_seq(batch, n, text=True, gen=None):
     loss_mask = torch.ones(batch, n, dtype=torch.bool) if gen is None else gen
     txt = torch.ones(batch, 1, 3) if text else None
     return TokenSequence(x=x, tau=tau, pos=torch.zeros(n, 3), layout=(("action", n),), loss_mask=loss_mask, text=txt)
-
-
-def _mixture_stats(points):
-    assign = torch.cdist(points, MEANS).argmin(dim=1)
-    weights = torch.bincount(assign, minlength=3).float() / len(points)
-    means = torch.stack([points[assign == k].mean(0) for k in range(3)])
-    stds = torch.stack([points[assign == k].std(0).mean() for k in range(3)])
-    return weights, means, stds
 
 
 @pytest.mark.parametrize("method,steps,shift", [("euler", 50, 1.0), ("euler", 50, 3.0), ("euler_maruyama", 120, 1.0)])

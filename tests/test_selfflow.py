@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from gaussian_mixture import MEANS, STD, WEIGHTS, _mixture_stats
 from torch import nn
 
-from tests.test_sampling import MEANS, STD, WEIGHTS, _mixture_stats
 from worldmodel.sampling import sample
 from worldmodel.selfflow import EMA, SelfFlowConfig, SelfFlowObjective, dual_timestep, noised
 from worldmodel.sizes import build_model
@@ -232,6 +232,7 @@ def toy_models():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["plain", "selfflow"])
 def test_toy_training_reduces_loss(toy_models, name):
     history = toy_models[name][1]
@@ -244,6 +245,7 @@ def test_toy_training_reduces_loss(toy_models, name):
 
 @pytest.mark.parametrize("name,method,steps", [("plain", "euler", 25), ("selfflow", "euler", 25),
                                                ("selfflow", "euler_maruyama", 50)])
+@pytest.mark.slow
 def test_trained_tiny_model_reproduces_mixture(toy_models, name, method, steps):
     model = toy_models[name][0]
     out = sample(model, _toy_seq(torch.zeros(400, N_TOK, 2)), steps=steps, method=method,

@@ -20,11 +20,12 @@ if importlib.util.find_spec("simpler_env") is None:
 from envs.simpler_backend import prepare_rendering  # noqa: E402
 
 prepare_rendering()  # SAPIEN 2 links libvulkan.so.1 when imported: pick the driver (and loader) first
-pytest.importorskip("simpler_env")
 
 from envs.evaluator import EvalConfig, run_episode  # noqa: E402
 from envs.simpler_backend import SimplerBackend  # noqa: E402
 from envs.tasks import MAX_STEPS, simpler_episodes  # noqa: E402
+
+pytestmark = [pytest.mark.needs_sim("simpler_env"), pytest.mark.slow]
 
 
 class ZeroPolicy:

@@ -191,6 +191,7 @@ def test_state_policy_needs_state_and_checks_it():
 
 
 # ------------------------------------------------------------------------------------------ proprioception
+@pytest.mark.needs_tf
 def test_state_round_trip_writer_reader_checkpoint_policy(tmp_path):
     from envs.demos import DemoEpisode, to_rt1_episode
     from worldmodel.data.rt1_reader import RT1Windows, split_episodes

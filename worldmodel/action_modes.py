@@ -1,7 +1,7 @@
 """Video-action training modes, made possible by per-token flow times.
 
 One RT-1 window (context frames, future frames, an action chunk) becomes one TokenSequence whose
-per-token times say what the model is asked to do (DESIGN.md, "Actions and video-action fine-tuning"):
+per-token times say what the model is asked to do (docs/ARCHITECTURE.md, "Actions and video-action fine-tuning"):
 
     mode       context frames   future frames        actions              trained on
     policy     clean (tau 0)    left out            noised               actions

@@ -1,6 +1,9 @@
-"""Building the pieces of a run from a Hydra config (shared by pretraining and fine-tuning).
+"""Building the pieces of a run from a Hydra config (shared by pretraining and fine-tuning): the one module to look in.
 
 Every builder takes the config node of one group and returns a plain object; scripts stay thin.
+backbone: build_backbone / load_pretrained; objective: build_objective (selfflow_config); text: build_text;
+codecs: build_frames_codec / build_audio; data: build_dataset (one pretraining modality), build_streams (the
+pretraining mixture); optimisation: trainer_config. Checkpoint kinds: PRETRAIN_KIND, FINETUNE_KIND.
 """
 
 from __future__ import annotations
@@ -92,3 +95,47 @@ def load_pretrained(path: str | Path, device: str = "cpu"):
     ckpt.load_into({"model": model, "text_encoder": text})
     codec_cfg = OmegaConf.create(run["codec"])
     return model.to(device).eval(), text.to(device).eval(), build_frames_codec(codec_cfg), build_audio(codec_cfg), run
+
+
+def build_dataset(d, modality: str):
+    """The dataset of one modality from the ``data`` config group (procedural, folders or tfds)."""
+    from worldmodel import data as sources
+
+    if d.name == "procedural":
+        if modality == "image":
+            return sources.ProceduralImages(size=d.image_size, length=d.length, seed=d.seed)
+        if modality == "video":
+            return sources.ProceduralVideos(size=d.video_size, frames=d.video_frames, length=d.length, seed=d.seed)
+        return sources.ProceduralAudio(sample_rate=d.sample_rate, seconds=d.audio_seconds, length=d.length,
+                                       seed=d.seed)
+    if d.name == "folders":
+        root = d.get(f"{modality}_root")
+        if not root:
+            raise ValueError(f"data=folders with modalities.{modality}.prob > 0 needs data.{modality}_root=... "
+                             f"(or modalities.{modality}.prob=0)")
+        if modality == "image":
+            return sources.ImageFolder(root, size=d.image_size, captions=d.image_captions)
+        if modality == "video":
+            return sources.VideoFolder(root, frames=d.video_frames, stride=d.video_stride, size=d.video_size)
+        return sources.AudioFolder(root, sample_rate=d.sample_rate, seconds=d.audio_seconds)
+    if d.name == "tfds":
+        if modality != "image":
+            raise ValueError(f"data=tfds provides images only; set modalities.{modality}.prob=0")
+        return sources.TFDSImages(d.dataset_dir, split=d.split, image_key=d.image_key, caption_key=d.caption_key,
+                                  size=d.image_size)
+    raise ValueError(f"unknown data source {d.name!r}; use data=procedural, data=folders or data=tfds")
+
+
+def build_streams(cfg, frame_codec, audio_codec) -> list:
+    """The pretraining `ModalityStream`s with probability > 0, each with its dataset and codec."""
+    from worldmodel.pretrain import ModalityStream
+
+    codecs = {"image": frame_codec, "video": frame_codec, "audio": audio_codec}
+    streams = []
+    for modality, mix in cfg.modalities.items():
+        if modality not in codecs:
+            raise ValueError(f"unknown pretraining modality {modality!r}; use image, video or audio")
+        if float(mix.prob) > 0:
+            dataset = build_dataset(cfg.data, modality)
+            streams.append(ModalityStream(modality, dataset, codecs[modality], int(mix.batch_size), float(mix.prob)))
+    return streams

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from worldmodel.action_modes import WindowLayout, build_sequence, draw_mode
 from worldmodel.rng import draw_generator
-from worldmodel.text import blank_captions
+from worldmodel.text import blank_captions, drop_captions
 from worldmodel.trainer import BackboneTask
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,12 @@ class FinetuneTask(BackboneTask):
         paired with ``model`` (the EMA one for the EMA backbone; None = the trained one).
         """
         instructions = list(batch["instruction"])
-        drop = blank_captions(instructions)  # (B,)
+        kept = instructions
         if drop_instructions and self.instruction_dropout > 0:
             generator = draw_generator(self.seed, "caption_dropout", int(batch.get("micro_step", 0)),
                                        int(batch.get("rank", 0)))  # per rank: ranks drop different instructions
-            drop |= torch.rand(len(instructions), generator=generator) < self.instruction_dropout
+            kept = drop_captions(instructions, self.instruction_dropout, generator)  # dropped -> None
+        drop = blank_captions(kept)  # (B,) dropped or blank
         text, text_mask = self.text_encoder_for(model).encode(instructions, device=device)
         future = batch.get("future")
         seq = build_sequence(

@@ -2,7 +2,7 @@
 
 Every token carries its own flow time, so adaLN modulation is per token. ``TimeCond`` hides whether
 the modulation is computed per token or once per distinct time level and gathered to the tokens
-(DESIGN.md "Performance"); both give the same numbers. Nothing here syncs with the host, so the
+(docs/ARCHITECTURE.md "Performance notes"); both give the same numbers. Nothing here syncs with the host, so the
 blocks can be compiled and captured in CUDA graphs.
 """
 

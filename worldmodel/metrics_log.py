@@ -1,4 +1,4 @@
-"""Training metrics: a JSONL log (always), TensorBoard / Weights & Biases (optional), and a loss-curve PNG.
+"""Training metrics: a JSONL log (always), TensorBoard / Weights & Biases (optional); the PNG: worldmodel/loss_plot.py.
 
 One line of ``metrics.jsonl`` per logged step: ``{"step": 10, "loss": 0.91, "flow/image": 0.88, "lr": 1e-4}``.
 Keys that appear only on some steps (``flow/video`` in a mixed-modality run) are simply absent elsewhere;
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -121,40 +121,4 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss_curves(
-    metrics_path: str | Path, png_path: str | Path, keys: Iterable[str] | None = None, title: str = "training loss"
-) -> Path:
-    """Write a PNG with one line per metric key (default: every key except bookkeeping like lr)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(metrics_path)
-    if keys is None:
-        found: dict[str, None] = {}
-        for r in records:
-            found.update({k: None for k in r if k not in NOT_LOSSES})
-        keys = sorted(found)
-    keys = list(keys)
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-    for key in keys:
-        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-        if points:
-            steps, values = zip(*points)
-            ax.plot(steps, values, label=key, marker="." if len(points) < 30 else None)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("value")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if keys:
-        ax.legend(fontsize=8)
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
-    return png_path
-
-
-__all__ = ["MetricMeans", "MetricsLogger", "read_metrics", "plot_loss_curves", "NOT_LOSSES"]
+__all__ = ["MetricMeans", "MetricsLogger", "read_metrics", "NOT_LOSSES"]

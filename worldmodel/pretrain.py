@@ -17,13 +17,12 @@ from torch import Tensor, nn
 
 from worldmodel.data import collate
 from worldmodel.rng import draw_generator
-from worldmodel.text import blank_captions
+from worldmodel.text import blank_captions, drop_captions
 from worldmodel.tokens import TokenSequence
 from worldmodel.trainer import BackboneTask
 
 log = logging.getLogger(__name__)
 
-MEDIA_KEY = {"image": "image", "video": "video", "audio": "audio"}
 
 
 @dataclass
@@ -97,15 +96,15 @@ class PretrainTask(BackboneTask):
         """Clean tokens of one modality batch, all of them trained (loss_mask True)."""
         modality = batch["modality"]
         codec = self.stream_for(modality).codec
-        tokens, pos = codec.encode(batch[MEDIA_KEY[modality]].to(device))  # (B, N, C), (N, 3)
+        tokens, pos = codec.encode(batch[modality].to(device))  # (B, N, C), (N, 3)
         b, n, _ = tokens.shape
         generator = draw_generator(self.seed, "caption_dropout", int(batch["micro_step"]), int(batch.get("rank", 0)))
-        keep = torch.rand(b, generator=generator) >= self.caption_dropout  # (B,) different on every rank
-        text, text_mask, blank = self.encode_text(batch["caption"], device)
+        kept = drop_captions(list(batch["caption"]), self.caption_dropout, generator)  # dropped -> None; per rank
+        text, text_mask, _ = self.encode_text(batch["caption"], device)
         return TokenSequence(
             x=tokens, tau=torch.zeros(b, n, device=device), pos=pos.to(device), layout=((modality, n),),
             loss_mask=torch.ones(b, n, dtype=torch.bool, device=device), text=text, text_mask=text_mask,
-            text_drop=blank | ~keep.to(device),  # dropped or blank captions train the null text
+            text_drop=blank_captions(kept).to(device),  # dropped or blank captions train the null text
         )
 
     def stream_for(self, modality: str) -> ModalityStream:
@@ -147,7 +146,7 @@ def generate(
     stream = task.stream_for(modality)
     device = next(model.parameters()).device
     example = collate_media([stream.dataset[i] for i in range(len(captions))], modality)
-    media = example[MEDIA_KEY[modality]].to(device)
+    media = example[modality].to(device)
     tokens, pos = stream.codec.encode(media)  # only shapes and positions are used
     b, n, _ = tokens.shape
     text, text_mask, blank = task.encode_text(captions, device, model=model)
@@ -185,48 +184,6 @@ def write_samples(model: nn.Module, task: PretrainTask, out_dir: Path, sampling_
     return written
 
 
-def build_dataset(d, modality: str):
-    """The dataset of one modality from the ``data`` config group (procedural, folders or tfds)."""
-    from worldmodel import data as sources
-
-    if d.name == "procedural":
-        if modality == "image":
-            return sources.ProceduralImages(size=d.image_size, length=d.length, seed=d.seed)
-        if modality == "video":
-            return sources.ProceduralVideos(size=d.video_size, frames=d.video_frames, length=d.length, seed=d.seed)
-        return sources.ProceduralAudio(sample_rate=d.sample_rate, seconds=d.audio_seconds, length=d.length,
-                                       seed=d.seed)
-    if d.name == "folders":
-        root = d.get(f"{modality}_root")
-        if not root:
-            raise ValueError(f"data=folders with modalities.{modality}.prob > 0 needs data.{modality}_root=... "
-                             f"(or modalities.{modality}.prob=0)")
-        if modality == "image":
-            return sources.ImageFolder(root, size=d.image_size, captions=d.image_captions)
-        if modality == "video":
-            return sources.VideoFolder(root, frames=d.video_frames, stride=d.video_stride, size=d.video_size)
-        return sources.AudioFolder(root, sample_rate=d.sample_rate, seconds=d.audio_seconds)
-    if d.name == "tfds":
-        if modality != "image":
-            raise ValueError(f"data=tfds provides images only; set modalities.{modality}.prob=0")
-        return sources.TFDSImages(d.dataset_dir, split=d.split, image_key=d.image_key, caption_key=d.caption_key,
-                                  size=d.image_size)
-    raise ValueError(f"unknown data source {d.name!r}; use data=procedural, data=folders or data=tfds")
-
-
-def build_streams(cfg, frame_codec, audio_codec) -> list[ModalityStream]:
-    """The modality streams with probability > 0, each with its dataset and codec."""
-    codecs = {"image": frame_codec, "video": frame_codec, "audio": audio_codec}
-    streams = []
-    for modality, mix in cfg.modalities.items():
-        if modality not in codecs:
-            raise ValueError(f"unknown pretraining modality {modality!r}; use image, video or audio")
-        if float(mix.prob) > 0:
-            dataset = build_dataset(cfg.data, modality)
-            streams.append(ModalityStream(modality, dataset, codecs[modality], int(mix.batch_size), float(mix.prob)))
-    return streams
-
-
 def run_pretraining(cfg, output_dir: str | Path) -> dict:
     """Build everything from the Hydra config, train, and write checkpoint, samples and loss curves."""
     from worldmodel import builders
@@ -242,7 +199,7 @@ def run_pretraining(cfg, output_dir: str | Path) -> dict:
     model = builders.build_backbone(cfg.model, token_dim, text_encoder.feature_dim)
     trainer_cfg = builders.trainer_config(cfg.trainer, output_dir, int(cfg.seed), device)
     objective = builders.build_objective(cfg.objective, model, trainer_cfg)
-    task = PretrainTask(model, objective, text_encoder, build_streams(cfg, frame_codec, audio_codec),
+    task = PretrainTask(model, objective, text_encoder, builders.build_streams(cfg, frame_codec, audio_codec),
                         float(cfg.text.caption_dropout), int(cfg.seed), trainer_cfg.accum_steps)
     params = sum(p.numel() for p in model.parameters())
     log.info("pretraining %s (%.2fM parameters) with %s on %s", cfg.model.size, params / 1e6, cfg.objective.name,

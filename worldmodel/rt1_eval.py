@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from worldmodel.action_modes import ACTION_DIM, split_action_tokens
+from worldmodel.actions import DIM_NAMES
 from worldmodel.sampling import sample
-
-DIM_NAMES = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
 
 
 def trained_shifts(task) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """ODE (Euler) and SDE (Euler-Maruyama) samplers for the per-token flow model.
 
-Convention (DESIGN.md): x_t = (1 - t) x0 + t eps, v = eps - x0, integrate from t = 1 to t = 0.
+Convention (docs/ARCHITECTURE.md): x_t = (1 - t) x0 + t eps, v = eps - x0, integrate from t = 1 to t = 0.
 Tokens with ``seq.loss_mask`` True start at noise (tau = 1) and are integrated to tau = 0 along
 ``shifted_schedule(steps, shift)``, each on its modality's clock: a modality trained with an extra
 time shift a_m (``SelfFlowConfig.modality_shift``, e.g. actions at 7.4) visits ``shift_time(u, a_m)``

@@ -1,6 +1,6 @@
 """The Self-Flow objective: dual-timestep flow matching plus EMA-teacher representation alignment.
 
-Convention (DESIGN.md): x_t = (1 - t) x0 + t eps, the network predicts v = eps - x0.
+Convention (docs/ARCHITECTURE.md; worldmodel/timesteps.py): x_t = (1 - t) x0 + t eps, the network predicts v = eps - x0.
 Per sample, t and s are drawn independently from p(t); each token in ``seq.loss_mask`` is masked
 with probability R_M (its modality's mask ratio) and gets tau = s if masked, else t. The student
 sees that sequence; the EMA teacher sees the same eps at min(t, s) and runs only up to block k.

@@ -1,6 +1,6 @@
 """Timestep distributions p(t) for training and shifted schedules for the samplers.
 
-Convention (DESIGN.md): x_t = (1 - t) x0 + t eps, t = 1 is pure noise, t = 0 is data.
+Convention (docs/ARCHITECTURE.md, kept here): x_t = (1 - t) x0 + t eps, t = 1 is pure noise, t = 0 is data.
 A shift a > 1 moves mass toward noise: t' = a t / (1 + (a - 1) t) (SD3 / FLUX style).
 """
 

@@ -109,14 +109,6 @@ def segment_slices(layout: Layout) -> list[tuple[str, slice]]:
     return out
 
 
-def modality_index(layout: Layout, modality: str) -> slice:
-    """The single slice of ``modality`` in ``layout`` (ValueError if it appears zero or several times)."""
-    found = [sl for name, sl in segment_slices(layout) if name == modality]
-    if len(found) != 1:
-        raise ValueError(f"layout {layout} holds {len(found)} {modality!r} segments, expected exactly one")
-    return found[0]
-
-
 def channel_mask(layout: Layout, token_dim: dict[str, int], channels: int, device=None) -> Tensor:
     """(N, C) bool: True where a channel is real for that token's modality (False in the zero padding)."""
     rows = []
@@ -146,8 +138,3 @@ def concat_segments(
         positions.append(pos.to(values.device, torch.float32))
         layout.append((modality, values.shape[1]))
     return torch.cat(xs, dim=1), torch.cat(positions, dim=0), tuple(layout)
-
-
-def split_segments(x: Tensor, layout: Layout, token_dim: dict[str, int]) -> list[tuple[str, Tensor]]:
-    """Inverse of ``concat_segments`` for values: ``[(modality, (B, n, C_m)), ...]`` without padding."""
-    return [(modality, x[:, sl, : token_dim[modality]]) for modality, sl in segment_slices(layout)]

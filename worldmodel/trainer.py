@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from worldmodel import distributed as wdist
 from worldmodel.checkpoint import TrainState, latest_checkpoint, load_checkpoint, load_state_strict, save_checkpoint
 from worldmodel.ema import EMA
-from worldmodel.metrics_log import MetricsLogger, plot_loss_curves
+from worldmodel.loss_plot import plot_loss_curves
+from worldmodel.metrics_log import MetricsLogger
 from worldmodel.rng import gather_rng_states, rng_state_tensors, seed_everything, set_rng_state_tensors
 from worldmodel.train_step import DeviceMeans, GradientSync, clip_gradients, compile_blocks
 from worldmodel.trainer_config import TrainerConfig, lr_at

@@ -9,7 +9,7 @@
  * Everything else goes straight to the next layer / driver. Rendering on the CPU never uses the
  * extension (SAPIEN only calls it when sharing images with CUDA).
  *
- * Built by envs/setup_cpu_render.sh:  gcc -shared -fPIC -O2 -o libVkLayer_fake_semfd.so vk_layer_fake_semfd.c
+ * Built by tools/cpu_render/setup_cpu_render.sh (`make render`):  gcc -shared -fPIC -O2 -o libVkLayer_fake_semfd.so vk_layer_fake_semfd.c
  * Enabled with VK_LAYER_PATH=<dir of VkLayer_fake_semfd.json> VK_INSTANCE_LAYERS=VK_LAYER_fake_semfd.
  * Loader interface: version 2 (vkNegotiateLoaderLayerInterfaceVersion), plus the exported
  * vkGetInstanceProcAddr / vkGetDeviceProcAddr for loaders that predate negotiation.

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Let SAPIEN 3 (ManiSkill3) and SAPIEN 2.2 (SIMPLER) render on a machine without a GPU, through Mesa's
 # software Vulkan driver (lavapipe). Nothing is installed system-wide: packages are unpacked into a cache
-# folder and an ICD json is written beside them. No root needed.
+# folder and an ICD json is written beside them. No root needed. The library never runs this by itself:
 #
-#   bash envs/setup_cpu_render.sh [DEST]    # DEST: $WORLDMODEL_CPU_RENDER_DIR or ~/.cache/worldmodel/cpu-render
+#   make render                                  # = python -m envs.cpu_render setup, then a render check
+#   python -m envs.cpu_render setup [DEST]       # DEST: $WORLDMODEL_CPU_RENDER_DIR or ~/.cache/worldmodel/cpu-render
+#   bash tools/cpu_render/setup_cpu_render.sh [DEST]
 #
-# Afterwards `envs.cpu_render.ensure_cpu_rendering()` (called by the ManiSkill3 backend) finds DEST by
+# Afterwards `envs.cpu_render.ensure_cpu_rendering()` (called by the simulator backends) finds DEST by
 # itself; in a shell, `source DEST/env.sh` does the same for other programs.
 # Debian 12: Mesa 25 comes from bookworm-backports, because bookworm's own lavapipe (Mesa 22) lacks
 # features SAPIEN needs (ErrorFeatureNotPresent). Other apt systems: the distribution's own
 # mesa-vulkan-drivers (Mesa >= 23 works). Libraries the driver needs that the system lacks are
 # unpacked too. SAPIEN 3 ships its own Vulkan loader, so only VK_ICD_FILENAMES matters (no layer).
 # SAPIEN 2.2 (SIMPLER) always enables VK_KHR_external_semaphore_fd, which lavapipe lacks: the script also
-# compiles envs/vk_layer_fake_semfd.c (gcc; Vulkan headers from libvulkan-dev, unpacked here when absent)
+# compiles vk_layer_fake_semfd.c from this folder (gcc; Vulkan headers from libvulkan-dev, unpacked here when absent)
 # into DEST/layer with its manifest; env.sh enables it (VK_LAYER_PATH, VK_INSTANCE_LAYERS) and
 # `ensure_cpu_rendering(sapien2=True)` does the same in Python. Without gcc only the layer is skipped.
 set -euo pipefail
