@@ -43,18 +43,17 @@ class ZeroPolicy:
 def write_tiny_checkpoint(path: Path, sampling_steps: int = 10) -> Path:
     """A random-weight `tiny` SelfFlowPolicy with the fine-tuning recipe's data settings, saved at `path`."""
     import torch
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from policies.selfflow_policy import SelfFlowPolicy
     from worldmodel.action_modes import ACTION_TOKEN_DIM
     from worldmodel.actions import ActionNormalizer
     from worldmodel.builders import build_frames_codec, build_text
+    from worldmodel.config import compose
     from worldmodel.sizes import build_model
 
     torch.manual_seed(0)
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        run = OmegaConf.to_container(compose(config_name="finetune_rt1"), resolve=True)
+    run = OmegaConf.to_container(compose("finetune_rt1"), resolve=True)
     run["model"] = {"size": "tiny", "overrides": {}}
     codec = build_frames_codec(OmegaConf.create(run["codec"]))
     text = build_text(OmegaConf.create(run["text"])).eval()

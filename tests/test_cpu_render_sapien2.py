@@ -4,7 +4,7 @@ Regression: where the system has no libvulkan.so.1, the unpacked Vulkan loader u
 RTLD_GLOBAL. Its exported `vkGetInstanceProcAddr` then interposed the one VK_LAYER_fake_semfd exports, so the
 layer handed the loader the loader's own entry point and the first vkCreateInstance (SAPIEN's first renderer,
 i.e. the first SimplerEnv episode of `scripts/eval_simpler.py`) recursed into the loader and deadlocked.
-Skipped where the software renderer and the layer are not set up (`bash envs/setup_cpu_render.sh`).
+Skipped where the software renderer and the layer are not set up (`make render`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import ctypes, sys
 sys.path.insert(0, sys.argv[1])
 from envs.cpu_render import ensure_cpu_rendering
 
-setup = ensure_cpu_rendering(auto_setup=False, sapien2=True)
+setup = ensure_cpu_rendering(sapien2=True)
 assert setup.software and setup.layer, setup
 
 
@@ -48,7 +48,7 @@ vulkan.vkDestroyInstance(instance, None)
 def test_vulkan_instance_with_the_semfd_layer_does_not_deadlock():
     dest = cache_dir()
     if not (dest / "lvp_icd.json").is_file() or not (dest / "layer" / "VkLayer_fake_semfd.json").is_file():
-        pytest.skip(f"no software renderer with the SAPIEN 2 layer in {dest} (bash envs/setup_cpu_render.sh)")
+        pytest.skip(f"no software renderer with the SAPIEN 2 layer in {dest} (make render)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("VK_") and k != "LD_LIBRARY_PATH"}
     env["WORLDMODEL_RENDER"] = "cpu"  # the lavapipe path even on a GPU machine
     try:

@@ -1,22 +1,20 @@
 """End to end at toy scale: pretrain -> files a person can look at -> fine-tune from it -> a policy that acts."""
 
-from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from worldmodel.media_io import read_wav
 
-CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 torch.set_num_threads(1)
 
 
 def config(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
+    from worldmodel.config import compose
+
+    return compose(name, overrides)
 
 
 @pytest.fixture(scope="module")
