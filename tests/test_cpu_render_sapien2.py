@@ -24,9 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CREATE_INSTANCE = """
 import ctypes, sys
 sys.path.insert(0, sys.argv[1])
-from envs.cpu_render import ensure_cpu_rendering
+import envs.cpu_render as cpu_render
 
-setup = ensure_cpu_rendering(sapien2=True)
+cpu_render._sapien_major = lambda: 2  # as in SimplerEnv's environment (this one may have SAPIEN 3, or none)
+setup = cpu_render.ensure_cpu_rendering(sapien2=True)
 assert setup.software and setup.layer, setup
 
 

@@ -240,7 +240,7 @@ def cached_stats(dataset_dir: str | Path, name: str, compute, from_dict, cache_d
     stats = compute()
     target = beside if _writable(dataset_dir) else cached
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")  # one per process: ranks may write the same stats at once
     tmp.write_text(json.dumps({**stats.to_dict(), "dataset_fingerprint": fingerprint}, indent=1))
     os.replace(tmp, target)
     log.info("stats %s written to %s", stats, target)

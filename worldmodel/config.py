@@ -52,7 +52,7 @@ def group_of(source, name: str, exclude: tuple[str, ...] = (), checks: dict | No
 
 # ---------------------------------------------------------------------------------------- shared groups
 
-# `trainer`: TrainerConfig's fields (worldmodel/trainer.py, commented there) without the three the run fills in.
+# `trainer`: TrainerConfig's fields (worldmodel/trainer_config.py, commented there) without the three the run fills in.
 # Besides these ranges, validate() runs TrainerConfig's own checks (max_steps >= 1, precision, ...).
 TrainerGroup = group_of(TrainerConfig, "TrainerGroup", exclude=("output_dir", "seed", "device"),
                         checks={"lr": {"gt": 0.0}, "min_lr_ratio": {"ge": 0.0, "le": 1.0}, "eps": {"gt": 0.0},
