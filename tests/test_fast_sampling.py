@@ -81,3 +81,28 @@ def test_policy_compile_option_keeps_cpu_eager_fp32(tmp_path):
     assert not fast._chunk_sampler.fast and next(fast.model.parameters()).dtype == torch.float32
     obs = {"image": _image(), "instruction": INSTR, "seed": 3}
     np.testing.assert_array_equal(plain.predict_action_chunk(obs)["actions"], fast.predict_action_chunk(obs)["actions"])
+
+
+def test_save_pretrained_of_a_bf16_policy_writes_float32_weights(tmp_path):
+    """compile=True on CUDA casts the backbone to bf16 in place; forced here on CPU, as ChunkSampler does it."""
+    import numpy as np
+    import pytest
+    from safetensors import safe_open
+
+    from policies import SelfFlowPolicy
+    from tests.test_policy import INSTR, _image, _make_policy
+
+    policy = _make_policy(sampling_steps=2)
+    policy.model.to(torch.bfloat16)  # what ChunkSampler(compile=True) does to a CUDA model
+    with pytest.warns(UserWarning, match="upcast to float32"):
+        ckpt = policy.save_pretrained(tmp_path / "ckpt")
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes <= {torch.float32, torch.int64, torch.bool} and torch.float32 in dtypes
+    assert next(policy.model.parameters()).dtype == torch.bfloat16  # the running policy is left as it was
+    loaded = SelfFlowPolicy.from_pretrained(ckpt, device="cpu", sampling_steps=2)
+    for (name, p), q in zip(policy.model.state_dict().items(), loaded.model.state_dict().values()):
+        assert q.dtype == torch.float32 and torch.equal(p.float(), q), name  # exactly the bf16 values, upcast
+    obs = {"image": _image(), "instruction": INSTR, "seed": 3}
+    np.testing.assert_allclose(loaded.predict_action_chunk(obs)["actions"], policy.predict_action_chunk(obs)["actions"],
+                               atol=0.05, rtol=0.05)
