@@ -124,7 +124,8 @@ def training(plan: dict, device: str, budget: Budget, show, configs: list[tuple[
             save()
             if "error" in row:
                 continue
-            mfu = "n/a (not an H100/H200 in bf16)" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+            mfu = ("n/a (not an H100/H200 in bf16)" if row["mfu"] is None
+                   else f"{100 * row['mfu']:.1f}% of {row['peak_tflops']:.0f} TFLOP/s")
             ref = ""
             if compiled and (batch, tokens) == (64, 320):
                 ref = (f" | reference {100 * REFERENCE['mfu_compiled_64x320']:.1f}% (H100 plain PyTorch), "

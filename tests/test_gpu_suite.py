@@ -97,3 +97,12 @@ def test_the_budget_skips_a_measurement_longer_than_the_time_left():
     assert budget.spent("second compiled", rows, print, kind="compiled")  # would overrun the limit
     assert not budget.spent("eager", rows, print, kind="eager")
     assert rows == [{"name": "second compiled", "skipped": "time budget spent"}]
+
+
+def test_mfu_peak_matches_the_board_not_just_the_chip():
+    from bench_backbone import peak_bf16_flops
+
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == peak_bf16_flops("NVIDIA H200") == 989e12
+    assert peak_bf16_flops("NVIDIA H200 NVL") == peak_bf16_flops("NVIDIA H100 NVL") == 835e12
+    assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") is None and peak_bf16_flops("cpu") is None
