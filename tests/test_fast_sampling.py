@@ -106,3 +106,36 @@ def test_save_pretrained_of_a_bf16_policy_writes_float32_weights(tmp_path):
     obs = {"image": _image(), "instruction": INSTR, "seed": 3}
     np.testing.assert_allclose(loaded.predict_action_chunk(obs)["actions"], policy.predict_action_chunk(obs)["actions"],
                                atol=0.05, rtol=0.05)
+
+
+def test_graph_replay_bookkeeping_on_cpu(monkeypatch):
+    """The CUDA-graph path's static buffers, emulated on CPU: a replay re-runs the captured call on the static
+    inputs (what a CUDA graph does); new inputs must be copied in, the output cloned, one capture per shape."""
+    from worldmodel import fast_sampling
+
+    captures = []
+
+    def emulated_capture(fn, warmup=fast_sampling.WARMUP_RUNS):
+        out = fn()
+        captures.append(out.shape)
+        return (lambda: out.copy_(fn())), out
+
+    monkeypatch.setattr(fast_sampling, "capture_graph", emulated_capture)
+    codec, first = _policy_seq()
+    model = _model(codec).to(torch.bfloat16)  # as compile=True casts it on CUDA; inputs and noise stay fp32
+    sampler = ChunkSampler(model, steps=3, modality_shift=SHIFT)
+    sampler.graph = True  # as on CUDA
+    g = torch.Generator().manual_seed(5)
+    _, second = _policy_seq()
+    second = second.with_values(second.x.flip(0), text=second.text * -1)  # other frames and text, same shapes
+    noises = [torch.randn(first.x.shape, generator=g) for _ in range(2)]
+    got_first = sampler(first, noise=noises[0])
+    got_second = sampler(second, noise=noises[1])
+    assert captures == [first.x.shape]  # one capture for the shape, replayed for the second call
+    for seq, noise, got in ((first, noises[0], got_first), (second, noises[1], got_second)):
+        ref = sample(model, seq, steps=3, noise=noise, factorize=True, modality_shift=SHIFT)
+        assert got.x.dtype == torch.float32 and torch.isfinite(got.x).all()
+        assert torch.equal(got.x, ref.x) and torch.equal(got.tau, ref.tau)  # got_first survived the replay
+    _, other_batch = _policy_seq(batch=3)
+    sampler(other_batch)
+    assert len(captures) == 2

@@ -14,6 +14,7 @@ With ``compile=False`` or on CPU it is plain ``sampling.sample`` (eager, the mod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields, replace
 
 import torch
@@ -37,7 +38,7 @@ class ChunkSampler:
         device = next(model.parameters()).device
         self.fast = bool(compile) and device.type == "cuda"  # CPU keeps eager fp32
         self.graph = self.fast if graph is None else bool(graph) and device.type == "cuda"
-        self._captured: dict[tuple, tuple[torch.cuda.CUDAGraph, TokenSequence, Tensor, Tensor]] = {}
+        self._captured: dict[tuple, tuple[Callable[[], None], TokenSequence, Tensor, Tensor]] = {}
         if self.fast:
             model.to(torch.bfloat16)
             compile_blocks(model)
@@ -59,11 +60,11 @@ class ChunkSampler:
         key = _signature(seq)
         if key not in self._captured:
             self._captured[key] = self._capture(seq, noise)
-        graph, static_seq, static_noise, static_out = self._captured[key]
+        replay, static_seq, static_noise, static_out = self._captured[key]
         _copy_into(static_seq, seq)
         static_noise.copy_(noise)
-        graph.replay()
-        out = static_out.clone()
+        replay()
+        out = static_out.clone()  # the next replay overwrites static_out
         return seq.with_values(out, torch.where(seq.loss_mask, torch.zeros_like(seq.tau), seq.tau))
 
     def _run(self, seq: TokenSequence, noise: Tensor) -> TokenSequence:
@@ -72,18 +73,26 @@ class ChunkSampler:
                       modality_shift=self.modality_shift)
 
     def _capture(self, seq: TokenSequence, noise: Tensor):
+        """(replay, static seq, static noise, static output) of one sampling call captured over static buffers."""
         static_seq = _clone(seq)
         static_noise = noise.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(WARMUP_RUNS):
-                self._run(static_seq, static_noise)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self._run(static_seq, static_noise).x
-        return graph, static_seq, static_noise, static_out
+        replay, static_out = capture_graph(lambda: self._run(static_seq, static_noise).x)
+        return replay, static_seq, static_noise, static_out
+
+
+def capture_graph(fn, warmup: int = WARMUP_RUNS) -> tuple[Callable[[], None], Tensor]:
+    """``fn`` (no host sync, static shapes) captured in one CUDA graph after ``warmup`` eager runs on a side stream
+    (compilation, cuBLAS workspaces); returns (replay, output tensor that every replay rewrites in place)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
 
 
 def _tensor_fields(seq: TokenSequence) -> dict[str, Tensor]:
