@@ -14,10 +14,10 @@ References and targets: docs/GPU_REFERENCE.md. Results are also written as JSON 
     python benchmarks/gpu_suite.py --smoke --out /tmp/suite.json
 
 A time budget (--budget-s, default 450 s) guards the 8-minute limit: a measurement is skipped (and reported as
-skipped, never silently dropped) when the time left is less than the longest one of its kind took so far. A
-measurement that raises (out of memory, a compile or capture error) is recorded with its error and the suite goes
-on; the JSON file is rewritten after every measurement, so a run killed from outside keeps what it measured. The
-exit status is 1 when any measurement failed.
+skipped, never silently dropped) when the time left is less than the longest one of its kind took so far
+(FULL["guess_s"] before one ran). A measurement that raises (out of memory, a compile or capture error) is
+recorded with its error and the suite goes on; the JSON file is rewritten after every measurement, so a run killed
+from outside keeps what it measured. The exit status is 1 when any measurement failed.
 """
 
 from __future__ import annotations
@@ -46,7 +46,11 @@ REFERENCE = {"mfu_compiled_64x320": 0.389, "selfflow_over_fm": 1.25, "chunk_ms_g
 TARGET = {"mfu": 0.45, "selfflow_over_fm": 1.25, "chunk_ms_b1": 15.0}
 FULL = {"size": "base", "shapes": [(64, 320), (16, 1152)], "compile": [False, True], "steps": 10, "warmup": 3,
         "policy_batches": [1, 8], "policy_modes": ["eager", "compiled", "graph"], "chunk_repeats": 20,
-        "reader_windows": 2000, "reader_episodes": 64}
+        "reader_windows": 2000, "reader_episodes": 64,
+        # first-of-its-kind duration guesses (s, H100 class, compile included) for the budget; later ones of a kind
+        # use the longest measured
+        "guess_s": {"train True": 120, "train False": 30, "policy graph": 60, "policy compiled": 60,
+                    "policy eager": 15, "reader": 40}}
 SMOKE = {"size": "tiny", "shapes": [(2, 16), (1, 24)], "compile": [False], "steps": 1, "warmup": 1,
          "policy_batches": [1, 2], "policy_modes": ["eager"], "chunk_repeats": 2, "reader_windows": 20,
          "reader_episodes": 4}
@@ -55,11 +59,12 @@ POLICY_STEPS = 10  # Euler steps per chunk (the policy's default)
 
 class Budget:
     """Skips measurements that would not finish within ``seconds`` from now (the 8-minute guard): one of a kind
-    starts only while the time left exceeds the longest one of that kind so far (``took``)."""
+    starts only while the time left exceeds the longest one of that kind so far (``took``), or its guess before that."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, guess_s: dict[str, float] | None = None):
         self.end = time.perf_counter() + seconds
         self.longest: dict[str, float] = {}  # kind -> seconds of its longest measurement so far
+        self.guess_s = dict(guess_s or {})  # kind -> expected seconds before one of the kind was measured
 
     def left(self) -> float:
         return self.end - time.perf_counter()
@@ -70,7 +75,7 @@ class Budget:
     def spent(self, name: str, rows: list[dict], show, kind: str = "") -> bool:
         """True (and ``name`` recorded and printed as skipped) when the time left cannot fit one more ``kind``."""
         left = self.left()
-        if left > 0 and left > self.longest.get(kind, 0.0):
+        if left > 0 and left > self.longest.get(kind, self.guess_s.get(kind, 0.0)):
             return False
         rows.append({"name": name, "skipped": "time budget spent"})
         show(name, "skipped (time budget spent)")
@@ -268,7 +273,7 @@ def run_suite(smoke: bool, out: Path, budget_s: float) -> dict:
     cuda = torch.cuda.is_available() and not smoke
     device = "cuda" if cuda else "cpu"
     plan = FULL if cuda else SMOKE
-    budget = Budget(budget_s)
+    budget = Budget(budget_s, plan.get("guess_s"))
     started = time.perf_counter()
 
     def show(name: str, text: str) -> None:

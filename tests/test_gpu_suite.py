@@ -97,6 +97,8 @@ def test_the_budget_skips_a_measurement_longer_than_the_time_left():
     assert budget.spent("second compiled", rows, print, kind="compiled")  # would overrun the limit
     assert not budget.spent("eager", rows, print, kind="eager")
     assert rows == [{"name": "second compiled", "skipped": "time budget spent"}]
+    guessed = gpu_suite.Budget(100.0, {"graph": 120.0})
+    assert guessed.spent("graph", [], print, kind="graph") and not guessed.spent("eager", [], print, kind="eager")
 
 
 def test_mfu_peak_matches_the_board_not_just_the_chip():
