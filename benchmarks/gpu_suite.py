@@ -189,6 +189,8 @@ def chunk_latency(plan: dict, device: str, mode: str, batch: int) -> dict:
     if cuda:
         torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
+    if mode == "graph" and sampler.graph_error:  # it fell back to no graph: its times are not this mode's
+        raise RuntimeError(f"CUDA graph capture failed: {sampler.graph_error}")
     times = []
     for _ in range(plan["chunk_repeats"]):
         if cuda:

@@ -139,3 +139,25 @@ def test_graph_replay_bookkeeping_on_cpu(monkeypatch):
     _, other_batch = _policy_seq(batch=3)
     sampler(other_batch)
     assert len(captures) == 2
+
+
+def test_a_failed_capture_falls_back_to_no_graph_with_a_warning(monkeypatch):
+    import pytest
+
+    from worldmodel import fast_sampling
+
+    def failing_capture(fn, warmup=fast_sampling.WARMUP_RUNS):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(fast_sampling, "capture_graph", failing_capture)
+    codec, seq = _policy_seq()
+    model = _model(codec)
+    sampler = ChunkSampler(model, steps=3, modality_shift=SHIFT)
+    sampler.graph = True  # as on CUDA
+    noise = torch.randn(seq.x.shape, generator=torch.Generator().manual_seed(2))
+    with pytest.warns(RuntimeWarning, match="capture of the sampling loop failed"):
+        got = sampler(seq, noise=noise)
+    assert not sampler.graph and "operation not permitted" in sampler.graph_error
+    ref = sample(model, seq, steps=3, noise=noise, factorize=True, modality_shift=SHIFT)
+    assert torch.equal(got.x, ref.x)
+    assert torch.equal(sampler(seq, noise=noise).x, ref.x)  # later calls: no graph, no new capture attempt

@@ -5,7 +5,8 @@
   2. ``torch.compile``s each block (worldmodel.train_step.compile_blocks),
   3. on the first call for a given set of shapes, captures ``sampling.sample`` (Euler, level-factorised, no host
      sync, the text/position context computed once per chunk) into one CUDA graph over static input buffers;
-     later calls copy their inputs into those buffers and replay the graph.
+     later calls copy their inputs into those buffers and replay the graph. A capture that fails (an op that
+     cannot be captured) warns, records why in ``graph_error`` and leaves the sampler running without a graph.
 The noise is drawn outside the graph (from the caller's generator, exactly as ``sampling.sample`` draws it), so
 a seeded call gives the same chunk in every mode up to bf16 rounding.
 
@@ -14,6 +15,7 @@ With ``compile=False`` or on CPU it is plain ``sampling.sample`` (eager, the mod
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import fields, replace
 
@@ -39,6 +41,7 @@ class ChunkSampler:
         self.fast = bool(compile) and device.type == "cuda"  # CPU keeps eager fp32
         self.graph = self.fast if graph is None else bool(graph) and device.type == "cuda"
         self._captured: dict[tuple, tuple[Callable[[], None], TokenSequence, Tensor, Tensor]] = {}
+        self.graph_error: str | None = None  # why capture failed (the sampler then runs without a graph)
         if self.fast:
             model.to(torch.bfloat16)
             compile_blocks(model)
@@ -59,7 +62,13 @@ class ChunkSampler:
             return self._run(seq, noise)
         key = _signature(seq)
         if key not in self._captured:
-            self._captured[key] = self._capture(seq, noise)
+            try:
+                self._captured[key] = self._capture(seq, noise)
+            except RuntimeError as err:  # an op that cannot be captured: keep serving, without the graph
+                self.graph, self.graph_error = False, f"{type(err).__name__}: {err}"
+                warnings.warn(f"CUDA graph capture of the sampling loop failed; sampling continues without a graph "
+                              f"(slower): {self.graph_error}", RuntimeWarning, stacklevel=2)
+                return self._run(seq, noise)
         replay, static_seq, static_noise, static_out = self._captured[key]
         _copy_into(static_seq, seq)
         static_noise.copy_(noise)
