@@ -99,8 +99,13 @@ def capture_graph(fn, warmup: int = WARMUP_RUNS) -> tuple[Callable[[], None], Te
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    previous = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph):
+            out = fn()
+    except BaseException:
+        torch.cuda.set_stream(previous)  # a failing capture_end() skips torch.cuda.graph's own stream restore
+        raise
     return graph.replay, out
 
 
