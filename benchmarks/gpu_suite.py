@@ -55,6 +55,7 @@ SMOKE = {"size": "tiny", "shapes": [(2, 16), (1, 24)], "compile": [False], "step
          "policy_batches": [1, 2], "policy_modes": ["eager"], "chunk_repeats": 2, "reader_windows": 20,
          "reader_episodes": 4}
 POLICY_STEPS = 10  # Euler steps per chunk (the policy's default)
+TRACEBACK_CHARS = 2500  # most of a failed measurement's traceback printed
 
 
 class Budget:
@@ -94,7 +95,9 @@ def measure(name: str, kind: str, budget: Budget, show, cuda: bool, fn, *args) -
         first = (str(err).splitlines() or [""])[0][:300]
         row = {"name": name, "error": f"{type(err).__name__}: {first}"}
         show(name, f"ERROR {row['error']}")
-        traceback.print_exc(limit=-6, file=sys.stderr)
+        text = "".join(traceback.format_exception(err, limit=-6))  # compile errors can run to hundreds of lines:
+        print(text[:TRACEBACK_CHARS] + ("... [truncated]" if len(text) > TRACEBACK_CHARS else ""), file=sys.stderr,
+              flush=True)  # bounded, so the figures stay in a captured output's tail
     budget.took(kind, time.perf_counter() - start)
     return row
 

@@ -43,7 +43,7 @@ def test_a_failing_measurement_is_recorded_and_the_others_still_run(tmp_path, mo
 
     def broken(opts):
         if opts["objective"] == "selfflow":
-            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore lines")
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing" + "\nmore" * 5000)
         return real(opts)
 
     real = gpu_suite.run_one
@@ -63,7 +63,10 @@ def test_a_failing_measurement_is_recorded_and_the_others_still_run(tmp_path, mo
     assert len([r for r in record["training"] if "ms_per_step" in r]) == len(gpu_suite.SMOKE["shapes"])
     assert not [r for r in record["training"] if "ratio" in r]  # no ratio from a failed step, never a 0
     assert [r["batch"] for r in record["policy"]] == gpu_suite.SMOKE["policy_batches"]  # later sections ran
-    assert "ERROR RuntimeError" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "ERROR RuntimeError" in printed.out
+    tracebacks = printed.err.count("Traceback (most recent call last)")
+    assert tracebacks == len(failed) and len(printed.err) < tracebacks * (gpu_suite.TRACEBACK_CHARS + 100)
 
 
 def test_the_json_is_written_after_every_measurement(tmp_path, monkeypatch):
