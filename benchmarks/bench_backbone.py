@@ -8,8 +8,8 @@ Self-Flow the EMA teacher forward up to block k without gradients), backward, Ad
 FLOPs are counted once per configuration with torch.utils.flop_counter (matmuls and attention,
 forward + backward, teacher included; attention added analytically where the SDPA kernel is not in
 torch's FLOP registry, as on CPU); the analytic 6 * params * tokens + attention estimate of
-the plain step is printed beside it. MFU = counted FLOPs / step time / peak (H100/H200 dense bf16
-989 TFLOP/s; reported only for bf16 on those GPUs).
+the plain step is printed beside it. MFU = counted FLOPs / step time / peak (dense bf16: H100/H200 SXM
+989 TFLOP/s, the PCIe / NVL boards less: PEAK_BF16_FLOPS; reported only for bf16 on those GPUs).
 
     python benchmarks/bench_backbone.py                       # CPU: tiny and small
     python benchmarks/bench_backbone.py --sizes base --batch 64 --tokens 320 --compile --sdpa-backend cudnn
@@ -42,7 +42,14 @@ from worldmodel.sizes import build_model  # noqa: E402
 from worldmodel.tokens import TokenSequence  # noqa: E402
 from worldmodel.train_step import compile_blocks  # noqa: E402
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak
+# dense bf16 tensor-core peak by device-name substring, most specific first (the PCIe / NVL boards run slower
+# than the SXM ones: NVIDIA's datasheets, dense = half the "with sparsity" figure)
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12}
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU named ``device_name`` (torch.cuda.get_device_name), None if not listed."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
 DEFAULT_BATCH = {"cpu": {"tiny": 8, "small": 2, "base": 1}, "cuda": {"tiny": 64, "small": 64, "base": 64}}
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
@@ -149,7 +156,7 @@ def run_one(opts: dict) -> dict:
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
         name = "cpu"
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None) if opts["dtype"] == "bf16" else None
+    peak = peak_bf16_flops(name) if opts["dtype"] == "bf16" else None
     return {
         "size": opts["size"], "objective": opts["objective"], "device": name, "dtype": opts["dtype"],
         "compile": opts["compile"], "sdpa_backend": opts["sdpa_backend"], "batch": opts["batch"],
@@ -163,6 +170,7 @@ def run_one(opts: dict) -> dict:
                                                4),
         "achieved_tflops": round(flops / (ms / 1000.0) / 1e12, 2),
         "mfu": None if peak is None else round(flops / (ms / 1000.0) / peak, 4),
+        "peak_tflops": None if peak is None else peak / 1e12,
         "peak_mem_mb": round(peak_mb, 1),
         "peak_mem_kind": "cuda max_memory_allocated" if cuda else "max RSS growth over the process baseline",
     }

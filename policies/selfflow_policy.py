@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -50,6 +51,18 @@ def preprocess_frames(frames: np.ndarray, height: int, width: int, device, limit
             x = x[..., top: top + height, left: left + width]
         x = x.clamp(0, 255).round()  # uint8, as stored
     return (x / 127.5 - 1.0).clamp(-1, 1)[None]  # (1, T, 3, h, w)
+
+
+def float32_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with its half-precision (bf16 / fp16) floating tensors upcast to float32, and a
+    warning when there were any (a compiled policy's in-place bf16 backbone: the values carry bf16 rounding)."""
+    state = module.state_dict()
+    low = [k for k, v in state.items() if v.dtype in (torch.bfloat16, torch.float16)]
+    if low:
+        warnings.warn(f"saving {len(low)} half-precision tensors of {type(module).__name__} (e.g. {low[0]}, "
+                      f"{state[low[0]].dtype}) upcast to float32: they carry its rounding; save from a policy "
+                      "loaded with compile=False to keep the original float32 weights", stacklevel=3)
+    return {k: v.float() if v.dtype in (torch.bfloat16, torch.float16) else v for k, v in state.items()}
 
 
 class SelfFlowPolicy(ChunkedPolicy):
@@ -135,15 +148,19 @@ class SelfFlowPolicy(ChunkedPolicy):
                    state_normalizer=state_normalizer, **options)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write a checkpoint directory that `from_pretrained` reads back (atomically)."""
+        """Write a checkpoint directory that `from_pretrained` reads back (atomically), weights in float32.
+
+        A policy built with ``compile=True`` on CUDA runs a bf16 copy of the backbone (cast in place); its
+        weights are written upcast to float32 (with a warning: they carry bf16 rounding; save from a policy
+        loaded with ``compile=False`` to keep the checkpoint's exact values)."""
         from worldmodel.checkpoint import save_checkpoint
 
         config = {"kind": KIND, "model": self.model.config, "run": self.run_cfg}
         extra = {"action_stats": self.normalizer.to_dict()}
         if self.state_normalizer is not None:
             extra["state_stats"] = self.state_normalizer.to_dict()
-        return save_checkpoint(path, {"model": self.model, "text_encoder": self.text_encoder}, config,
-                               extra_json=extra)
+        states = {"model": float32_state(self.model), "text_encoder": float32_state(self.text_encoder)}
+        return save_checkpoint(path, states, config, extra_json=extra)
 
     @property
     def metadata(self) -> dict:

@@ -81,3 +81,83 @@ def test_policy_compile_option_keeps_cpu_eager_fp32(tmp_path):
     assert not fast._chunk_sampler.fast and next(fast.model.parameters()).dtype == torch.float32
     obs = {"image": _image(), "instruction": INSTR, "seed": 3}
     np.testing.assert_array_equal(plain.predict_action_chunk(obs)["actions"], fast.predict_action_chunk(obs)["actions"])
+
+
+def test_save_pretrained_of_a_bf16_policy_writes_float32_weights(tmp_path):
+    """compile=True on CUDA casts the backbone to bf16 in place; forced here on CPU, as ChunkSampler does it."""
+    import numpy as np
+    import pytest
+    from safetensors import safe_open
+
+    from policies import SelfFlowPolicy
+    from tests.test_policy import INSTR, _image, _make_policy
+
+    policy = _make_policy(sampling_steps=2)
+    policy.model.to(torch.bfloat16)  # what ChunkSampler(compile=True) does to a CUDA model
+    with pytest.warns(UserWarning, match="upcast to float32"):
+        ckpt = policy.save_pretrained(tmp_path / "ckpt")
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes <= {torch.float32, torch.int64, torch.bool} and torch.float32 in dtypes
+    assert next(policy.model.parameters()).dtype == torch.bfloat16  # the running policy is left as it was
+    loaded = SelfFlowPolicy.from_pretrained(ckpt, device="cpu", sampling_steps=2)
+    for (name, p), q in zip(policy.model.state_dict().items(), loaded.model.state_dict().values()):
+        assert q.dtype == torch.float32 and torch.equal(p.float(), q), name  # exactly the bf16 values, upcast
+    obs = {"image": _image(), "instruction": INSTR, "seed": 3}
+    np.testing.assert_allclose(loaded.predict_action_chunk(obs)["actions"], policy.predict_action_chunk(obs)["actions"],
+                               atol=0.05, rtol=0.05)
+
+
+def test_graph_replay_bookkeeping_on_cpu(monkeypatch):
+    """The CUDA-graph path's static buffers, emulated on CPU: a replay re-runs the captured call on the static
+    inputs (what a CUDA graph does); new inputs must be copied in, the output cloned, one capture per shape."""
+    from worldmodel import fast_sampling
+
+    captures = []
+
+    def emulated_capture(fn, warmup=fast_sampling.WARMUP_RUNS):
+        out = fn()
+        captures.append(out.shape)
+        return (lambda: out.copy_(fn())), out
+
+    monkeypatch.setattr(fast_sampling, "capture_graph", emulated_capture)
+    codec, first = _policy_seq()
+    model = _model(codec).to(torch.bfloat16)  # as compile=True casts it on CUDA; inputs and noise stay fp32
+    sampler = ChunkSampler(model, steps=3, modality_shift=SHIFT)
+    sampler.graph = True  # as on CUDA
+    g = torch.Generator().manual_seed(5)
+    _, second = _policy_seq()
+    second = second.with_values(second.x.flip(0), text=second.text * -1)  # other frames and text, same shapes
+    noises = [torch.randn(first.x.shape, generator=g) for _ in range(2)]
+    got_first = sampler(first, noise=noises[0])
+    got_second = sampler(second, noise=noises[1])
+    assert captures == [first.x.shape]  # one capture for the shape, replayed for the second call
+    for seq, noise, got in ((first, noises[0], got_first), (second, noises[1], got_second)):
+        ref = sample(model, seq, steps=3, noise=noise, factorize=True, modality_shift=SHIFT)
+        assert got.x.dtype == torch.float32 and torch.isfinite(got.x).all()
+        assert torch.equal(got.x, ref.x) and torch.equal(got.tau, ref.tau)  # got_first survived the replay
+    _, other_batch = _policy_seq(batch=3)
+    sampler(other_batch)
+    assert len(captures) == 2
+
+
+def test_a_failed_capture_falls_back_to_no_graph_with_a_warning(monkeypatch):
+    import pytest
+
+    from worldmodel import fast_sampling
+
+    def failing_capture(fn, warmup=fast_sampling.WARMUP_RUNS):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(fast_sampling, "capture_graph", failing_capture)
+    codec, seq = _policy_seq()
+    model = _model(codec)
+    sampler = ChunkSampler(model, steps=3, modality_shift=SHIFT)
+    sampler.graph = True  # as on CUDA
+    noise = torch.randn(seq.x.shape, generator=torch.Generator().manual_seed(2))
+    with pytest.warns(RuntimeWarning, match="capture of the sampling loop failed"):
+        got = sampler(seq, noise=noise)
+    assert not sampler.graph and "operation not permitted" in sampler.graph_error
+    ref = sample(model, seq, steps=3, noise=noise, factorize=True, modality_shift=SHIFT)
+    assert torch.equal(got.x, ref.x)
+    assert torch.equal(sampler(seq, noise=noise).x, ref.x)  # later calls: no graph, no new capture attempt

@@ -5,7 +5,8 @@
   2. ``torch.compile``s each block (worldmodel.train_step.compile_blocks),
   3. on the first call for a given set of shapes, captures ``sampling.sample`` (Euler, level-factorised, no host
      sync, the text/position context computed once per chunk) into one CUDA graph over static input buffers;
-     later calls copy their inputs into those buffers and replay the graph.
+     later calls copy their inputs into those buffers and replay the graph. A capture that fails (an op that
+     cannot be captured) warns, records why in ``graph_error`` and leaves the sampler running without a graph.
 The noise is drawn outside the graph (from the caller's generator, exactly as ``sampling.sample`` draws it), so
 a seeded call gives the same chunk in every mode up to bf16 rounding.
 
@@ -14,6 +15,8 @@ With ``compile=False`` or on CPU it is plain ``sampling.sample`` (eager, the mod
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import fields, replace
 
 import torch
@@ -37,7 +40,8 @@ class ChunkSampler:
         device = next(model.parameters()).device
         self.fast = bool(compile) and device.type == "cuda"  # CPU keeps eager fp32
         self.graph = self.fast if graph is None else bool(graph) and device.type == "cuda"
-        self._captured: dict[tuple, tuple[torch.cuda.CUDAGraph, TokenSequence, Tensor, Tensor]] = {}
+        self._captured: dict[tuple, tuple[Callable[[], None], TokenSequence, Tensor, Tensor]] = {}
+        self.graph_error: str | None = None  # why capture failed (the sampler then runs without a graph)
         if self.fast:
             model.to(torch.bfloat16)
             compile_blocks(model)
@@ -58,12 +62,18 @@ class ChunkSampler:
             return self._run(seq, noise)
         key = _signature(seq)
         if key not in self._captured:
-            self._captured[key] = self._capture(seq, noise)
-        graph, static_seq, static_noise, static_out = self._captured[key]
+            try:
+                self._captured[key] = self._capture(seq, noise)
+            except RuntimeError as err:  # an op that cannot be captured: keep serving, without the graph
+                self.graph, self.graph_error = False, f"{type(err).__name__}: {err}"
+                warnings.warn(f"CUDA graph capture of the sampling loop failed; sampling continues without a graph "
+                              f"(slower): {self.graph_error}", RuntimeWarning, stacklevel=2)
+                return self._run(seq, noise)
+        replay, static_seq, static_noise, static_out = self._captured[key]
         _copy_into(static_seq, seq)
         static_noise.copy_(noise)
-        graph.replay()
-        out = static_out.clone()
+        replay()
+        out = static_out.clone()  # the next replay overwrites static_out
         return seq.with_values(out, torch.where(seq.loss_mask, torch.zeros_like(seq.tau), seq.tau))
 
     def _run(self, seq: TokenSequence, noise: Tensor) -> TokenSequence:
@@ -72,18 +82,31 @@ class ChunkSampler:
                       modality_shift=self.modality_shift)
 
     def _capture(self, seq: TokenSequence, noise: Tensor):
+        """(replay, static seq, static noise, static output) of one sampling call captured over static buffers."""
         static_seq = _clone(seq)
         static_noise = noise.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(WARMUP_RUNS):
-                self._run(static_seq, static_noise)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
+        replay, static_out = capture_graph(lambda: self._run(static_seq, static_noise).x)
+        return replay, static_seq, static_noise, static_out
+
+
+def capture_graph(fn, warmup: int = WARMUP_RUNS) -> tuple[Callable[[], None], Tensor]:
+    """``fn`` (no host sync, static shapes) captured in one CUDA graph after ``warmup`` eager runs on a side stream
+    (compilation, cuBLAS workspaces); returns (replay, output tensor that every replay rewrites in place)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    previous = torch.cuda.current_stream()
+    try:
         with torch.cuda.graph(graph):
-            static_out = self._run(static_seq, static_noise).x
-        return graph, static_seq, static_noise, static_out
+            out = fn()
+    except BaseException:
+        torch.cuda.set_stream(previous)  # a failing capture_end() skips torch.cuda.graph's own stream restore
+        raise
+    return graph.replay, out
 
 
 def _tensor_fields(seq: TokenSequence) -> dict[str, Tensor]:
