@@ -117,3 +117,20 @@ def test_changed_dataset_recomputes_cached_stats(tmp_path, data, episodes):
     with pytest.warns(UserWarning, match="skipped 1 training episode"):
         edited = load_or_compute_stats(data, cache_dir=tmp_path / "cache", eval_fraction=0.2)
     assert edited.num_steps < again.num_steps
+
+
+def test_reading_undoes_tf_datas_malloc_patch(data, monkeypatch):
+    """from_generator sets M_TRIM_THRESHOLD=128 KiB process-wide (CPU training ran 2x slower); each file's first
+    record puts glibc's thresholds back."""
+    import sys
+
+    from worldmodel.data import tfrecords
+
+    calls = []
+    monkeypatch.setattr(tfrecords, "restore_malloc_thresholds", lambda: calls.append(1) or True)
+    windows = RT1Windows(data, height=8, width=10, context_frames=1, future_frames=0, horizon=2, shuffle_buffer=0)
+    next(iter(windows))
+    assert calls, "the record generator never restored the malloc thresholds"
+    monkeypatch.undo()
+    if sys.platform.startswith("linux"):
+        assert tfrecords.restore_malloc_thresholds() is True  # glibc's mallopt accepted both values
