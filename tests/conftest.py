@@ -63,13 +63,14 @@ def renderer():
 
 @pytest.fixture
 def load_script(monkeypatch):
-    """`load_script("collect_demos")` imports scripts/collect_demos.py as the module `collect_demos`.
+    """`load_script("collect_demos")` imports scripts/collect_demos.py as the module `collect_demos`
+    (`load_script("gpu_suite", "benchmarks")` a benchmark).
 
-    scripts/ is on sys.path only for the test (monkeypatch restores it), so the worker processes a script
+    The folder is on sys.path only for the test (monkeypatch restores it), so the worker processes a script
     spawns can import its functions by name, as they do when the script runs."""
 
-    def load(name: str):
-        monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    def load(name: str, folder: str = "scripts"):
+        monkeypatch.syspath_prepend(str(REPO / folder))
         monkeypatch.delitem(sys.modules, name, raising=False)
         return importlib.import_module(name)
 

@@ -11,8 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 import simpler_double  # noqa: E402
 
 from envs.evaluator import EvalConfig, evaluate, shared_policy  # noqa: E402

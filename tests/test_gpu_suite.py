@@ -1,19 +1,19 @@
 """benchmarks/gpu_suite.py without CUDA: the tiny smoke version runs every section and writes its JSON."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 torch.set_num_threads(1)
 
 
-def test_smoke_suite_measures_every_section_and_writes_json(tmp_path, monkeypatch, capsys):
-    import gpu_suite
+@pytest.fixture
+def gpu_suite(load_script):
+    return load_script("gpu_suite", "benchmarks")
 
+
+def test_smoke_suite_measures_every_section_and_writes_json(gpu_suite, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLDMODEL_CACHE", str(tmp_path / "cache"))
     record = gpu_suite.run_suite(smoke=True, out=tmp_path / "suite.json", budget_s=600)
     assert json.loads((tmp_path / "suite.json").read_text()) == record
@@ -30,17 +30,13 @@ def test_smoke_suite_measures_every_section_and_writes_json(tmp_path, monkeypatc
     assert "reference 1.25x" in printed and "windows/s" in printed
 
 
-def test_a_spent_budget_skips_and_says_so(tmp_path):
-    import gpu_suite
-
+def test_a_spent_budget_skips_and_says_so(gpu_suite, tmp_path):
     record = gpu_suite.run_suite(smoke=True, out=tmp_path / "suite.json", budget_s=0)
     rows = record["training"] + record["policy"] + record["reader"]
     assert rows and all(r.get("skipped") == "time budget spent" for r in rows)
 
 
-def test_a_failing_measurement_is_recorded_and_the_others_still_run(tmp_path, monkeypatch, capsys):
-    import gpu_suite
-
+def test_a_failing_measurement_is_recorded_and_the_others_still_run(gpu_suite, tmp_path, monkeypatch, capsys):
     def broken(opts):
         if opts["objective"] == "selfflow":
             raise RuntimeError("CUDA error: operation not permitted when stream is capturing" + "\nmore" * 5000)
@@ -69,10 +65,8 @@ def test_a_failing_measurement_is_recorded_and_the_others_still_run(tmp_path, mo
     assert tracebacks == len(failed) and len(printed.err) < tracebacks * (gpu_suite.TRACEBACK_CHARS + 100)
 
 
-def test_the_json_is_written_after_every_measurement(tmp_path, monkeypatch):
+def test_the_json_is_written_after_every_measurement(gpu_suite, tmp_path, monkeypatch):
     """A run killed from outside (the 8-minute limit) keeps what it measured."""
-    import gpu_suite
-
     seen = []
 
     def row(opts):
@@ -90,9 +84,7 @@ def test_the_json_is_written_after_every_measurement(tmp_path, monkeypatch):
     assert not partial["complete"] and [r["objective"] for r in partial["training"]] == ["plain"]
 
 
-def test_the_budget_skips_a_measurement_longer_than_the_time_left():
-    import gpu_suite
-
+def test_the_budget_skips_a_measurement_longer_than_the_time_left(gpu_suite):
     budget = gpu_suite.Budget(100.0)
     rows = []
     assert not budget.spent("first compiled", rows, print, kind="compiled")  # nothing known yet: it runs
@@ -104,8 +96,8 @@ def test_the_budget_skips_a_measurement_longer_than_the_time_left():
     assert guessed.spent("graph", [], print, kind="graph") and not guessed.spent("eager", [], print, kind="eager")
 
 
-def test_mfu_peak_matches_the_board_not_just_the_chip():
-    from bench_backbone import peak_bf16_flops
+def test_mfu_peak_matches_the_board_not_just_the_chip(load_script):
+    peak_bf16_flops = load_script("bench_backbone", "benchmarks").peak_bf16_flops
 
     assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == peak_bf16_flops("NVIDIA H200") == 989e12
     assert peak_bf16_flops("NVIDIA H200 NVL") == peak_bf16_flops("NVIDIA H100 NVL") == 835e12

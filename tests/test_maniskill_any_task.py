@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 from envs.backend import get_task, resolve_episodes
 from envs.maniskill_tasks import TASKS, get_maniskill_task, load_task_file
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def test_registry_entries_are_defaults_the_options_override():
@@ -49,13 +44,12 @@ def test_episodes_carry_the_task_options_to_the_workers():
         get_task("pick_cube")
 
 
-def test_task_file_and_command_line(tmp_path):
+def test_task_file_and_command_line(tmp_path, load_script):
     f = tmp_path / "peg.yaml"
     f.write_text("task: maniskill/lift_peg\nenv_id: LiftPegUpright-v1\ninstruction: lift the peg upright\n"
                  "max_steps: 150\nsolver: solveLiftPegUpright\n")
     assert load_task_file(f)["solver"] == "solveLiftPegUpright"
-    sys.path.insert(0, str(SCRIPTS))
-    import collect_demos
+    collect_demos = load_script("collect_demos")
 
     args = collect_demos.parse_args(["--task-file", str(f), "--max-steps", "90", "--episodes", "1", "--out", "x"])
     t = collect_demos.task_of(args)  # the flag overrides the file

@@ -1,10 +1,8 @@
 """openpi wire compatibility: the published `openpi-client` against our server, our client against an openpi server."""
 
 import asyncio
-import sys
 import threading
 import traceback
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +15,7 @@ from policies.serve import PolicyServer
 openpi_client = pytest.importorskip("openpi_client", reason="pip install openpi-client (the dev extra)")
 from openpi_client import msgpack_numpy as openpi_msgpack  # noqa: E402
 from openpi_client.websocket_client_policy import WebsocketClientPolicy  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_policy import INSTR, H, _image, _make_policy  # noqa: E402
+from policy_doubles import INSTR, H, _image, _make_policy  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -6,59 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
+from policy_doubles import INSTR, H, _count_chunks, _image, _make_policy
 
 from policies.conventions import filter_gripper
 from policies.selfflow_policy import KIND, SelfFlowPolicy
-from worldmodel.action_modes import ACTION_TOKEN_DIM
-from worldmodel.actions import ActionNormalizer
-from worldmodel.builders import build_frames_codec, build_text
-from worldmodel.config import compose
-from worldmodel.sizes import build_model
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
-H = 4  # horizon of configs/finetune_rt1.yaml
-INSTR = "pick coke can"
-
-
-def _run_cfg() -> dict:
-    """configs/finetune_rt1.yaml as a plain dict, with small text settings (what the fine-tuning run stores)."""
-    cfg = OmegaConf.to_container(compose("finetune_rt1"))  # the composed recipe
-    cfg.pop("hydra", None)
-    cfg.pop("defaults", None)
-    cfg["model"] = {"size": "tiny", "overrides": {}}
-    cfg["text"].update(dim=64, layers=1, max_len=32)
-    return cfg
-
-
-def _make_policy(**options) -> SelfFlowPolicy:
-    torch.manual_seed(0)
-    run = _run_cfg()
-    codec = build_frames_codec(OmegaConf.create(run["codec"]))
-    text = build_text(OmegaConf.create(run["text"])).eval()
-    model = build_model("tiny", token_dim={"video": codec.token_dim, "action": ACTION_TOKEN_DIM},
-                        text_dim=text.feature_dim).eval()
-    normalizer = ActionNormalizer(q01=[-0.05, -0.05, -0.05, -0.2, -0.2, -0.2], q99=[0.05, 0.05, 0.05, 0.2, 0.2, 0.2])
-    return SelfFlowPolicy(model, text, codec, normalizer, run, device="cpu", **options)
-
-
-def _image(shape=(256, 320, 3), seed=0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-
-
-def _count_chunks(policy: SelfFlowPolicy) -> list:
-    """Wrap the policy's batched chunk sampler; the returned list gets each sampling call's batch size."""
-    calls, original = [], policy._sample_chunks
-
-    def counting(context, *args, **kwargs):
-        calls.append(context.shape[0])
-        return original(context, *args, **kwargs)
-
-    policy._sample_chunks = counting
-    return calls
-
-
 @pytest.fixture(scope="module")
 def policy():
     return _make_policy(sampling_steps=2)

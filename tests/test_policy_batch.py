@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from test_policy import INSTR, H, _count_chunks, _image, _make_policy
+from policy_doubles import INSTR, H, _count_chunks, _image, _make_policy
 
 torch.set_num_threads(1)
 

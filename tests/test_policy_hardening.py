@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_policy import INSTR, _image, _make_policy
-from test_serve import LinePolicy
+from policy_doubles import INSTR, LinePolicy, _image, _make_policy
 
 from policies.client import PolicyClient, PolicyServerError
 from policies.selfflow_policy import SelfFlowPolicy, preprocess_frames

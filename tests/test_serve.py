@@ -3,50 +3,16 @@
 import http.client
 import socket
 import threading
-import time
 
 import numpy as np
 import pytest
+from policy_doubles import H, LinePolicy
 from websockets.sync.client import connect
 
 from policies.client import PolicyClient, PolicyServerError, RemotePolicy
 from policies.conventions import to_simpler_action
 from policies.protocol import PROTOCOL_VERSION, packb, unpackb
 from policies.serve import PolicyServer
-
-H = 4
-
-
-class LinePolicy:
-    """actions[j, d] = mean(image)/255 + 0.01*j + 0.1*d + 1e-3*seed; terminate on row 1 if told 'stop'."""
-
-    metadata = {"model_kind": "test-line", "horizon": H, "action_dim": 7, "image_size": [32, 40]}
-
-    def __init__(self, tuple_output=True):
-        self.calls, self.resets, self.tuple_output = 0, 0, tuple_output
-
-    @staticmethod
-    def expected(obs):
-        base = obs["image"].mean() / 255.0 + 1e-3 * (obs.get("seed") or 0)
-        actions = (base + 0.01 * np.arange(H)[:, None] + 0.1 * np.arange(7)[None]).astype(np.float32)  # (H, 7)
-        terminate = np.zeros(H, np.float32)
-        if obs["instruction"] == "stop":
-            terminate[1] = 1.0
-        return actions, terminate
-
-    def predict_action_chunk(self, obs):
-        assert obs["image"].flags.writeable
-        if obs["instruction"] == "explode":
-            raise RuntimeError("boom in the policy")
-        if obs["instruction"] == "bad shape":
-            return np.zeros((H, 6))
-        self.calls += 1
-        time.sleep(0.002)
-        actions, terminate = self.expected(obs)
-        return (actions, terminate) if self.tuple_output else actions
-
-    def reset(self):
-        self.resets += 1
 
 
 def _image(value=100, shape=(32, 40, 3)):

@@ -5,8 +5,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from test_policy import INSTR, _image, _make_policy
-from test_serve import LinePolicy
+from policy_doubles import INSTR, LinePolicy, _image, _make_policy
 
 from policies.batching import RequestBatcher, ServerBusy
 from policies.client import PolicyClient, PolicyServerError
