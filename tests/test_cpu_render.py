@@ -60,6 +60,7 @@ def _fake_sapien(root: Path, body: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_a_renderer_that_hangs_becomes_an_error_naming_the_fix(tmp_path):
     env = _fake_sapien(tmp_path, "import time\ntime.sleep(600)\n")  # like a vkCreateInstance that never returns
     with pytest.raises(RenderUnavailable, match="did not start within 3 s") as e:

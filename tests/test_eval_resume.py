@@ -48,6 +48,7 @@ def _files(out: Path) -> tuple[dict, str]:
     return json.loads((out / "summary.json").read_text())["results"], (out / "results.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_killed_evaluation_resumes_to_the_uninterrupted_summary(tmp_path, workers):
     whole = evaluate(_cfg(tmp_path / "whole", workers=workers))
@@ -77,6 +78,7 @@ def test_killed_evaluation_resumes_to_the_uninterrupted_summary(tmp_path, worker
     assert again.timing["episodes_run"] == 0 and _files(out) == _files(tmp_path / "whole")
 
 
+@pytest.mark.slow
 def test_resume_matches_episodes_reruns_failed_ones_and_restarts_on_other_settings(tmp_path):
     evaluate(_cfg(tmp_path, episodes=2))
     res = evaluate(_cfg(tmp_path, episodes=4))  # more episodes: the two done are kept

@@ -26,6 +26,7 @@ def _losses(run_dir):
     return [(r["step"], r["loss"]) for r in records if "loss" in r]
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_finetuning_equals_uninterrupted(tmp_path, monkeypatch):
     from worldmodel.finetune import run_finetuning
 

@@ -13,6 +13,7 @@ def gpu_suite(load_script):
     return load_script("gpu_suite", "benchmarks")
 
 
+@pytest.mark.slow
 def test_smoke_suite_measures_every_section_and_writes_json(gpu_suite, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLDMODEL_CACHE", str(tmp_path / "cache"))
     record = gpu_suite.run_suite(smoke=True, out=tmp_path / "suite.json", budget_s=600)
@@ -36,6 +37,7 @@ def test_a_spent_budget_skips_and_says_so(gpu_suite, tmp_path):
     assert rows and all(r.get("skipped") == "time budget spent" for r in rows)
 
 
+@pytest.mark.slow
 def test_a_failing_measurement_is_recorded_and_the_others_still_run(gpu_suite, tmp_path, monkeypatch, capsys):
     def broken(opts):
         if opts["objective"] == "selfflow":

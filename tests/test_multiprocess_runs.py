@@ -24,6 +24,9 @@ TINY_PRETRAIN = [
 ]
 
 
+pytestmark = pytest.mark.slow  # 2-process torchrun runs: 6-11 s each
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
