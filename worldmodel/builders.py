@@ -3,11 +3,13 @@
 Every builder takes the config node of one group and returns a plain object; scripts stay thin.
 backbone: build_backbone / load_pretrained; objective: build_objective (selfflow_config); text: build_text;
 codecs: build_frames_codec / build_audio; data: build_dataset (one pretraining modality), build_streams (the
-pretraining mixture); optimisation: trainer_config. Checkpoint kinds: PRETRAIN_KIND, FINETUNE_KIND.
+pretraining mixture), build_rt1_data (fine-tuning: RT-1 windows, statistics, loaders); optimisation:
+trainer_config. Checkpoint kinds: PRETRAIN_KIND, FINETUNE_KIND.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -139,3 +141,59 @@ def build_streams(cfg, frame_codec, audio_codec) -> list:
             dataset = build_dataset(cfg.data, modality)
             streams.append(ModalityStream(modality, dataset, codecs[modality], int(mix.batch_size), float(mix.prob)))
     return streams
+
+
+@dataclass
+class RT1Data:
+    """Fine-tuning data built from the `data` group: the resolved dataset directory, its action (and state)
+    statistics, the window geometry, and loaders: ``make_loader(pass, rank, world_size)`` for one training pass
+    (shuffled by (seed, pass) only, so a resumed run replays it) and ``eval_batches()`` for the held-out split."""
+
+    cfg: DictConfig  # the `data` node
+    data_dir: Path
+    normalizer: object  # ActionNormalizer (1st/99th percentiles of the train split)
+    state_normalizer: object | None  # StateNormalizer when data.state, else None
+    geometry: object  # WindowLayout (context, future, stride, horizon)
+    seed: int
+
+    def windows(self, split: str, rank: int = 0, world_size: int = 1, seed: int = 0):
+        from worldmodel.data.rt1_reader import RT1Windows
+
+        d, g = self.cfg, self.geometry
+        return RT1Windows(self.data_dir, split=split, normalizer=self.normalizer, height=int(d.height),
+                          width=int(d.width), context_frames=g.context_frames, future_frames=g.future_frames,
+                          frame_stride=g.frame_stride, horizon=g.horizon, eval_fraction=float(d.eval_fraction),
+                          rank=rank, world_size=world_size, seed=seed,
+                          shuffle_buffer=int(d.shuffle_buffer) if split == "train" else 0,
+                          num_parallel_calls=int(d.num_parallel_calls), state=self.state_normalizer is not None,
+                          state_normalizer=self.state_normalizer)
+
+    def make_loader(self, pass_index: int, rank: int, world_size: int):
+        from worldmodel.data.rt1_reader import collate_rt1
+
+        dataset = self.windows("train", rank, world_size, seed=self.seed * 100_003 + pass_index)
+        return torch.utils.data.DataLoader(dataset, batch_size=int(self.cfg.batch_size), collate_fn=collate_rt1,
+                                           num_workers=int(self.cfg.workers), drop_last=True)
+
+    def eval_batches(self):
+        from worldmodel.data.rt1_reader import collate_rt1
+
+        return torch.utils.data.DataLoader(self.windows("eval"), batch_size=int(self.cfg.batch_size),
+                                           collate_fn=collate_rt1)
+
+
+def build_rt1_data(d, seed: int) -> RT1Data:
+    """The `data` group of a fine-tuning config -> RT1Data: ``data.rt1_dir`` (a local RLDS version dir) or the
+    embedded sample, with statistics computed once and cached beside the data."""
+    from worldmodel.action_modes import WindowLayout
+    from worldmodel.actions import load_or_compute_stats
+    from worldmodel.data.rt1_synthetic import ensure_embedded_sample
+    from worldmodel.state import load_or_compute_state_stats
+
+    data_dir = d.rt1_dir or ensure_embedded_sample(num_episodes=int(d.synthetic_episodes), steps=int(d.synthetic_steps),
+                                                  blocks=int(d.get("synthetic_blocks", 3)))
+    normalizer = load_or_compute_stats(data_dir, eval_fraction=float(d.eval_fraction))
+    state_normalizer = (load_or_compute_state_stats(data_dir, float(d.eval_fraction)) if bool(d.get("state", False))
+                        else None)
+    geometry = WindowLayout(int(d.context_frames), int(d.future_frames), int(d.frame_stride), int(d.horizon))
+    return RT1Data(d, Path(data_dir), normalizer, state_normalizer, geometry, int(seed))

@@ -160,11 +160,8 @@ def run_finetuning(cfg, output_dir, callbacks=()) -> dict:
     from worldmodel import builders
     from worldmodel import distributed as wdist
     from worldmodel.action_modes import ACTION_TOKEN_DIM, MODES
-    from worldmodel.actions import load_or_compute_stats
-    from worldmodel.data.rt1_reader import RT1Windows, collate_rt1
-    from worldmodel.data.rt1_synthetic import ensure_embedded_sample
     from worldmodel.rt1_eval import evaluate_offline, write_prediction_video
-    from worldmodel.state import STATE_DIM, load_or_compute_state_stats
+    from worldmodel.state import STATE_DIM
     from worldmodel.trainer import Trainer
 
     output_dir = Path(output_dir)
@@ -181,31 +178,11 @@ def run_finetuning(cfg, output_dir, callbacks=()) -> dict:
         log.info("initialised from %s; new (untrained) tensors: %s", cfg.init_from, left)
         del pretrained
 
-    d = cfg.data
-    data_dir = d.rt1_dir or ensure_embedded_sample(num_episodes=int(d.synthetic_episodes), steps=int(d.synthetic_steps),
-                                                  blocks=int(d.get("synthetic_blocks", 3)))
-    run_cfg["data"]["resolved_dir"] = str(data_dir)
-    normalizer = load_or_compute_stats(data_dir, eval_fraction=float(d.eval_fraction))
-    use_state = bool(d.get("state", False))
-    state_normalizer = load_or_compute_state_stats(data_dir, float(d.eval_fraction)) if use_state else None
-    geometry = WindowLayout(int(d.context_frames), int(d.future_frames), int(d.frame_stride), int(d.horizon))
-
-    def windows(split: str, rank: int = 0, world_size: int = 1, seed: int = 0):
-        return RT1Windows(data_dir, split=split, normalizer=normalizer, height=int(d.height), width=int(d.width),
-                          context_frames=geometry.context_frames, future_frames=geometry.future_frames,
-                          frame_stride=geometry.frame_stride, horizon=geometry.horizon,
-                          eval_fraction=float(d.eval_fraction), rank=rank, world_size=world_size, seed=seed,
-                          shuffle_buffer=int(d.shuffle_buffer) if split == "train" else 0,
-                          num_parallel_calls=int(d.num_parallel_calls), state=use_state,
-                          state_normalizer=state_normalizer)
-
-    def make_loader(pass_index: int, rank: int, world_size: int):
-        dataset = windows("train", rank, world_size, seed=int(cfg.seed) * 100_003 + pass_index)
-        return torch.utils.data.DataLoader(dataset, batch_size=int(d.batch_size), collate_fn=collate_rt1,
-                                           num_workers=int(d.workers), drop_last=True)
-
-    def eval_batches():
-        return torch.utils.data.DataLoader(windows("eval"), batch_size=int(d.batch_size), collate_fn=collate_rt1)
+    data = builders.build_rt1_data(cfg.data, int(cfg.seed))
+    run_cfg["data"]["resolved_dir"] = str(data.data_dir)
+    normalizer, state_normalizer, geometry = data.normalizer, data.state_normalizer, data.geometry
+    use_state = state_normalizer is not None
+    make_loader, eval_batches = data.make_loader, data.eval_batches
 
     trainer_cfg = builders.trainer_config(cfg.trainer, output_dir, int(cfg.seed), device)
     objective = builders.build_objective(cfg.objective, model, trainer_cfg)
