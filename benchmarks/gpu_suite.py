@@ -41,6 +41,8 @@ for path in (ROOT, ROOT / "benchmarks"):
 
 from bench_backbone import run_one  # noqa: E402
 
+from worldmodel.media_io import write_atomic  # noqa: E402
+
 # docs/GPU_REFERENCE.md: H100, plain PyTorch (reference) and this targets
 REFERENCE = {"mfu_compiled_64x320": 0.389, "selfflow_over_fm": 1.25, "chunk_ms_graph_b1": 18.1}
 TARGET = {"mfu": 0.45, "selfflow_over_fm": 1.25, "chunk_ms_b1": 15.0}
@@ -266,10 +268,8 @@ def reader(plan: dict, train_rows: list[dict], budget: Budget, show) -> list[dic
 
 
 def _write_json(out: Path, record: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(out)  # atomic
+    text = json.dumps(record, indent=2)
+    write_atomic(out, lambda tmp: tmp.write_text(text))
 
 
 def run_suite(smoke: bool, out: Path, budget_s: float) -> dict:

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from worldmodel.media_io import write_atomic
+
 log = logging.getLogger(__name__)
 
 DIM_NAMES = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
@@ -240,8 +242,7 @@ def cached_stats(dataset_dir: str | Path, name: str, compute, from_dict, cache_d
     stats = compute()
     target = beside if _writable(dataset_dir) else cached
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".{os.getpid()}.tmp")  # one per process: ranks may write the same stats at once
-    tmp.write_text(json.dumps({**stats.to_dict(), "dataset_fingerprint": fingerprint}, indent=1))
-    os.replace(tmp, target)
+    text = json.dumps({**stats.to_dict(), "dataset_fingerprint": fingerprint}, indent=1)
+    write_atomic(target, lambda tmp: tmp.write_text(text))  # ranks may write the same stats at once
     log.info("stats %s written to %s", stats, target)
     return stats

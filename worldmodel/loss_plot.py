@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
+from worldmodel.media_io import write_atomic
 from worldmodel.metrics_log import NOT_LOSSES, read_metrics
 
 ALL = "all"  # line label of a term's bare key
@@ -67,13 +68,10 @@ def plot_loss_curves(
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(png_path.stem + ".tmp" + png_path.suffix)
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(png_path)
-    return png_path
+    try:
+        return write_atomic(png_path, fig.savefig)
+    finally:
+        plt.close(fig)
 
 
 __all__ = ["plot_loss_curves", "loss_panels"]

@@ -19,10 +19,12 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip((np.asarray(x, dtype=np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
-def _atomic(path: Path, write) -> Path:
+def write_atomic(path: str | Path, write) -> Path:
+    """``write(tmp)`` to a hidden sibling named per process (concurrent writers never share one), then rename it over
+    ``path``: readers never see half a file. Returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     write(tmp)
     os.replace(tmp, path)
     return path
@@ -51,7 +53,7 @@ def upscale(frame: np.ndarray, factor: int) -> np.ndarray:
 def write_image_grid(path: str | Path, images: np.ndarray, scale: int = 4) -> Path:
     """Write (B, 3, H, W) images in [-1, 1] as one PNG grid."""
     grid = upscale(image_grid(images), scale)
-    return _atomic(Path(path), lambda tmp: iio.imwrite(tmp, grid))
+    return write_atomic(Path(path), lambda tmp: iio.imwrite(tmp, grid))
 
 
 def write_video_grid(path: str | Path, videos: np.ndarray, fps: int = 4, scale: int = 4) -> Path:
@@ -67,10 +69,11 @@ def write_frames(path: str | Path, frames: list[np.ndarray], fps: int = 4) -> Pa
     """Write a list of (H, W, 3) uint8 frames as GIF (loops) or MP4 (by suffix)."""
     path = Path(path)
     if path.suffix.lower() == ".gif":
-        return _atomic(path, lambda tmp: iio.imwrite(tmp, np.stack(frames), duration=1000 / fps, loop=0))
+        return write_atomic(path, lambda tmp: iio.imwrite(tmp, np.stack(frames), duration=1000 / fps, loop=0))
     if path.suffix.lower() == ".mp4":
         even = [f[: f.shape[0] // 2 * 2, : f.shape[1] // 2 * 2] for f in frames]  # yuv420p needs even sides
-        return _atomic(path, lambda tmp: iio.imwrite(tmp, np.stack(even), fps=fps, codec="libx264", plugin="pyav"))
+        return write_atomic(path, lambda tmp: iio.imwrite(tmp, np.stack(even), fps=fps, codec="libx264",
+                                                          plugin="pyav"))
     raise ValueError(f"unsupported video suffix {path.suffix!r}; use .gif or .mp4")
 
 
@@ -91,7 +94,7 @@ def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int, gap_seconds
             out.setframerate(int(sample_rate))
             out.writeframes(pcm.tobytes())
 
-    return _atomic(Path(path), write)
+    return write_atomic(Path(path), write)
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
