@@ -49,7 +49,6 @@ from pathlib import Path
 
 LAYER_NAME = "VK_LAYER_fake_semfd"
 ICD_DIRS = ("/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d", "/usr/local/share/vulkan/icd.d")
-SETUP_COMMAND = "make render"
 SETUP_HELP = ("run `make render` (or `python -m envs.cpu_render setup`; Debian/Ubuntu: unpacks Mesa's lavapipe "
               "into {dest}, no root)")
 # Where a non-editable install puts the setup files (pyproject [tool.setuptools.data-files]).

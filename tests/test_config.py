@@ -122,3 +122,11 @@ def test_closed_loop_checks_the_recipe_before_collecting_demos():
         validate_closed_loop(ClosedLoopConfig(task="maniskill/push_cube", overrides=("trainer.max_steps=abc",)))
     with pytest.raises(ValueError, match=r"modalities|Could not override"):
         validate_closed_loop(ClosedLoopConfig(task="maniskill/push_cube", overrides=("modalities.image.prob=1",)))
+
+
+def test_a_missing_recipe_names_the_recipes_there_are():
+    from envs.closed_loop import ClosedLoopConfig
+    from envs.closed_loop import validate as validate_closed_loop
+
+    with pytest.raises(FileNotFoundError, match=r"(?s)recipe 'finetune_typo' not found.*choose one of .*finetune_maniskill"):
+        validate_closed_loop(ClosedLoopConfig(task="maniskill/push_cube", config="finetune_typo"))

@@ -170,8 +170,7 @@ def read_train_steps(source, fields, eval_fraction: float = 0.1, max_episodes: i
         return fields(features.deserialize_example(record, decoders=decoders)["steps"], tf)
 
     corrupt = CorruptRecords()  # the same verified record stream as RT1Windows: the same records are skipped
-    first = np.concatenate([[0], np.cumsum(lengths)])[:-1].tolist()
-    ds = record_dataset(tf, [str(p) for p in info.filepaths], first, lengths, corrupt)
+    ds = record_dataset(tf, [str(p) for p in info.filepaths], lengths, corrupt)
     ds = ds.filter(lambda i, r: tf.gather(tf.constant(keep), i))
     ds = ds.map(lambda i, r: parse(r), num_parallel_calls=threads).ignore_errors().prefetch(4)
     chunks = [np.array(a, np.float32) for a in ds.as_numpy_iterator()]  # each (T, D)

@@ -370,11 +370,13 @@ def compose(name: str, overrides: list[str] | tuple[str, ...] = (), config_dir: 
     scripts load it (without the hydra node)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from hydra.errors import ConfigCompositionException
+    from hydra.errors import ConfigCompositionException, MissingConfigException
 
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         try:
             cfg = hydra_compose(config_name=name, overrides=list(overrides))
+        except MissingConfigException:  # no such config file: the caller names the ones there are
+            raise
         except ConfigCompositionException as err:  # a bad key or value: name it with the reason Hydra found
             cause = f": {' '.join(str(err.__cause__).split())}" if err.__cause__ is not None else ""
             raise ValueError(f"{err}{cause}") from err

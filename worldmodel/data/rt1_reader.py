@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from worldmodel.data.rt1_schema import GCS_PATH, check_rt1_schema
-from worldmodel.data.tfrecords import CorruptRecords, record_dataset
+from worldmodel.data.tfrecords import CorruptRecords, record_dataset, shard_starts
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class RT1Windows(IterableDataset):
 
         tf, tfds = import_tf_quietly(self.threads)
         files, keep = shard_plan(self.shard_lengths, self.episodes, num_shards, shard_id)
-        starts = np.concatenate([[0], np.cumsum(self.shard_lengths)])[:-1]
+        starts = shard_starts(self.shard_lengths)
         paths = [self.files[f] for f in files]
         first = [int(starts[f]) for f in files]
         shuffle = self.shuffle_buffer > 0
@@ -193,7 +193,7 @@ class RT1Windows(IterableDataset):
         want_state = self.state
 
         self.corrupt = CorruptRecords()  # filled as the records are read (in the process iterating)
-        ds = record_dataset(tf, paths, first, [self.shard_lengths[f] for f in files], self.corrupt,
+        ds = record_dataset(tf, paths, [self.shard_lengths[f] for f in files], self.corrupt, first_index=first,
                             shuffle_seed=seed if shuffle else None)
         ds = ds.filter(lambda i, rec: tf.gather(keep_t, i))
 

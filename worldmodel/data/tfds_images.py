@@ -85,8 +85,7 @@ class TFDSImages(SkipCounter, Dataset):
         if builder.info.file_format == tfds.core.FileFormat.TFRECORD:
             info = builder.info.splits[split]
             lengths = [int(n) for n in info.shard_lengths]
-            first = np.concatenate([[0], np.cumsum(lengths)])[:-1].tolist()
-            ds = record_dataset(tf, [str(p) for p in info.filepaths], first, lengths, self.corrupt, cycle_length=1)
+            ds = record_dataset(tf, [str(p) for p in info.filepaths], lengths, self.corrupt, cycle_length=1)
             ds = ds.map(lambda i, record: features.deserialize_example(record, decoders=decoders))
         else:  # another file format (array_record): tfds reads it
             ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)

@@ -146,10 +146,17 @@ def _count_records(f, offset: int, size: int) -> int:
     return count
 
 
-def record_dataset(tf, paths: list[str], first_index: list[int], lengths: list[int], corrupt: CorruptRecords,
-                   shuffle_seed: int | None = None, cycle_length: int = 4):
-    """tf.data.Dataset of (episode index int64, record string) over ``paths`` (index = first_index[f] + position),
-    files interleaved; corrupt records are skipped and counted in ``corrupt`` (the Python process iterating it)."""
+def shard_starts(lengths: list[int]) -> list[int]:
+    """Index of each shard's first record in the split: the running sum of the shard lengths before it."""
+    return [sum(lengths[:i]) for i in range(len(lengths))]
+
+
+def record_dataset(tf, paths: list[str], lengths: list[int], corrupt: CorruptRecords,
+                   first_index: list[int] | None = None, shuffle_seed: int | None = None, cycle_length: int = 4):
+    """tf.data.Dataset of (episode index int64, record string) over ``paths`` (index = first_index[f] + position;
+    default: the files are a whole split, ``shard_starts(lengths)``), files interleaved; corrupt records are skipped
+    and counted in ``corrupt`` (the Python process iterating it)."""
+    first_index = shard_starts(lengths) if first_index is None else first_index
 
     def generate(path, start, length):
         path = path.decode() if isinstance(path, bytes) else str(path)
