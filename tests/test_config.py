@@ -128,5 +128,5 @@ def test_a_missing_recipe_names_the_recipes_there_are():
     from envs.closed_loop import ClosedLoopConfig
     from envs.closed_loop import validate as validate_closed_loop
 
-    with pytest.raises(FileNotFoundError, match=r"(?s)recipe 'finetune_typo' not found.*choose one of .*finetune_maniskill"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)recipe 'finetune_typo' not found.*one of .*finetune_maniskill"):
         validate_closed_loop(ClosedLoopConfig(task="maniskill/push_cube", config="finetune_typo"))
