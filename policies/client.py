@@ -28,9 +28,9 @@ from websockets.sync.client import connect
 from policies.conventions import GRIPPER_DEADZONE
 from policies.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, packb, unpackb
 from policies.stepper import ChunkedPolicy
+from policies.validation import OPENPI_KEYS
 
-TO_OPENPI_KEYS = {"image": "observation/image", "state": "observation/state", "instruction": "prompt",
-                  "wrist_image": "observation/wrist_image"}
+TO_OPENPI_KEYS = {ours: theirs for theirs, ours in OPENPI_KEYS.items()}  # our keys -> openpi's
 
 # websockets >= 15 routes connections through $HTTP(S)_PROXY by default; a policy server never wants that.
 _NO_PROXY = {"proxy": None} if "proxy" in inspect.signature(connect).parameters else {}

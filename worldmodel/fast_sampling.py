@@ -22,7 +22,7 @@ from dataclasses import fields, replace
 import torch
 from torch import Tensor, nn
 
-from worldmodel.sampling import sample
+from worldmodel.sampling import initial_noise, sample
 from worldmodel.tokens import TokenSequence
 
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (compilation, cuDNN / cuBLAS workspace setup)
@@ -46,10 +46,6 @@ class ChunkSampler:
             model.to(torch.bfloat16)
             compile_blocks(model)
 
-    def noise_for(self, seq: TokenSequence, generator: torch.Generator | None = None) -> Tensor:
-        """The initial noise ``sampling.sample`` would draw for ``seq`` from ``generator``."""
-        return torch.randn(seq.x.shape, generator=generator, device=seq.x.device, dtype=seq.x.dtype)
-
     @torch.no_grad()
     def __call__(self, seq: TokenSequence, generator: torch.Generator | None = None,
                  noise: Tensor | None = None) -> TokenSequence:
@@ -57,7 +53,7 @@ class ChunkSampler:
 
         noise: (B, N, C) initial noise (e.g. drawn per row from per-request seeds); default drawn from ``generator``.
         """
-        noise = self.noise_for(seq, generator) if noise is None else noise
+        noise = initial_noise(seq, generator) if noise is None else noise
         if not self.graph:
             return self._run(seq, noise)
         key = _signature(seq)

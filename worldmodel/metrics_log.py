@@ -19,29 +19,6 @@ log = logging.getLogger(__name__)
 NOT_LOSSES = frozenset({"step", "lr", "grad_norm", "steps_per_s", "samples_per_s", "time_s", "ema_decay"})
 
 
-class MetricMeans:
-    """Running means of named metrics, each over the updates that reported it.
-
-    A key absent from an update (``flow/video`` in a step without video loss tokens) counts as missing,
-    not as a zero: ``add({"a": 1}); add({"a": 3, "b": 5})`` gives ``{"a": 2, "b": 5}``.
-    """
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, metrics: Mapping[str, float]) -> None:
-        for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
-            self.counts[key] = self.counts.get(key, 0) + 1
-
-    def means(self) -> dict[str, float]:
-        return {key: total / self.counts[key] for key, total in self.sums.items()}
-
-    def clear(self) -> None:
-        self.sums, self.counts = {}, {}
-
-
 class MetricsLogger:
     """Appends metrics to ``<output_dir>/metrics.jsonl``; mirrors them to TensorBoard / wandb when asked.
 
@@ -121,4 +98,4 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-__all__ = ["MetricMeans", "MetricsLogger", "read_metrics", "NOT_LOSSES"]
+__all__ = ["MetricsLogger", "read_metrics", "NOT_LOSSES"]

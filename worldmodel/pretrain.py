@@ -100,7 +100,7 @@ class PretrainTask(BackboneTask):
         b, n, _ = tokens.shape
         generator = draw_generator(self.seed, "caption_dropout", int(batch["micro_step"]), int(batch.get("rank", 0)))
         kept = drop_captions(list(batch["caption"]), self.caption_dropout, generator)  # dropped -> None; per rank
-        text, text_mask, _ = self.encode_text(batch["caption"], device)
+        text, text_mask = self.text_encoder.encode([c or "" for c in batch["caption"]], device=device)
         return TokenSequence(
             x=tokens, tau=torch.zeros(b, n, device=device), pos=pos.to(device), layout=((modality, n),),
             loss_mask=torch.ones(b, n, dtype=torch.bool, device=device), text=text, text_mask=text_mask,

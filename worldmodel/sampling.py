@@ -79,6 +79,11 @@ def visited_times(layout, steps: int, shift: float = 1.0, modality_shift: dict[s
 
 
 @torch.no_grad()
+def initial_noise(seq: TokenSequence, generator: torch.Generator | None = None) -> Tensor:
+    """(B, N, C) standard normal noise for ``seq`` drawn from ``generator``: what every sampler starts from."""
+    return torch.randn(seq.x.shape, generator=generator, device=seq.x.device, dtype=seq.x.dtype)
+
+
 def sample(
     model: nn.Module,
     seq: TokenSequence,
@@ -112,7 +117,7 @@ def sample(
     device, dtype = seq.x.device, seq.x.dtype
     cmask = channel_mask(seq.layout, model.token_dim, c, device=device).to(dtype)  # (N, C)
     if noise is None:
-        noise = torch.randn(seq.x.shape, generator=generator, device=device, dtype=dtype)
+        noise = initial_noise(seq, generator)
     elif noise.shape != seq.x.shape:
         raise ValueError(f"noise must have the shape of seq.x {tuple(seq.x.shape)}, got {tuple(noise.shape)}")
     noise = noise * cmask  # padding channels stay zero

@@ -82,8 +82,8 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float) -> Tensor:
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         if plain:
             torch._foreach_mul_(plain, coef.to(plain[0].device))
-        for g in sharded:
-            g.mul_(coef.to(g.device))
+        if sharded:
+            torch._foreach_mul_(sharded, coef.to(sharded[0].device))
     return total
 
 
